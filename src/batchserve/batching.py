@@ -1,0 +1,563 @@
+"""Dynamic batching: the whole policy in one module.
+
+A :class:`Batcher` merges the items of concurrent callers into mini-batches for a
+:class:`~batchserve.backends.Backend`.  Its rules (DESIGN.md §3):
+
+* **Idle-aware dispatch.** When the backend has a free slot and items are queued, a batch
+  leaves at once, unless :class:`DispatchPolicy` predicts that waiting a little lowers the
+  cost per item (a burst is still arriving and the model has a large fixed cost per call).
+  It never waits longer than ``max_latency`` after the oldest queued request arrived, and
+  a lone request on an idle server never waits at all.  While every slot is busy the
+  queue simply grows, so the next batch is large.
+* **Honest bounds.** A batch never holds more than ``max_batch_size`` items.
+* **Multi-item requests** may span batches; their results come back in order.
+* **Deadlines.** Every request has one (``timeout``, default per batcher).  A timer fails
+  the caller at the deadline with :class:`~batchserve.errors.DeadlineExceededError`, and
+  its queued items are dropped before compute.
+* **Cancellation.** A cancelled caller's queued items are dropped.
+* **Backpressure.** At most ``max_queue_size`` items wait; past that, submit fails at once
+  with :class:`~batchserve.errors.OverloadedError`.
+* **Error isolation.** If ``predict`` raises (or returns a wrong number of outputs), the
+  batch is split in halves and retried until only the requests whose items fail get the
+  error; the others get their results.
+* **Worker death.** A batch whose worker died is retried once, then failed.
+
+Three ways to call one batcher: ``await submit(items)``, ``submit_future(items)`` (a
+``concurrent.futures.Future``) and ``predict(items)`` (blocking, from any thread).  The
+batcher runs on one asyncio loop: the caller's, when started with ``await start()``, or
+a private loop in a daemon thread otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from batchserve.backends.base import Backend
+from batchserve.backends.thread import ThreadBackend
+from batchserve.errors import (
+    DeadlineExceededError,
+    InputError,
+    ModelError,
+    NotReadyError,
+    OverloadedError,
+    WorkerDiedError,
+)
+from batchserve.model import ModelSpec
+
+log = logging.getLogger("batchserve.batching")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class CostModel:
+    """Predicts how long a batch of ``n`` items takes: ``fixed + per_item * n``.
+
+    Fitted by least squares on the most recent batches the backend ran.
+    """
+
+    def __init__(self, window: int = 64):
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def record(self, size: int, seconds: float) -> None:
+        self.samples.append((size, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """Return ``(fixed, per_item)`` seconds, or None before any batch ran."""
+        if not self.samples:
+            return None
+        count = len(self.samples)
+        mean_size = sum(s for s, _ in self.samples) / count
+        mean_time = sum(t for _, t in self.samples) / count
+        spread = sum((s - mean_size) ** 2 for s, _ in self.samples)
+        if spread == 0:
+            # One batch size seen so far: the safest reading is that it is all fixed cost.
+            return mean_time, 0.0
+        per_item = sum((s - mean_size) * (t - mean_time) for s, t in self.samples) / spread
+        per_item = max(per_item, 0.0)
+        fixed = max(mean_time - per_item * mean_size, 0.0)
+        return fixed, per_item
+
+
+class DispatchPolicy:
+    """Decides, when a slot is free, whether to send the queue now or wait for more items.
+
+    Waiting ``w`` seconds is worth it only when it lowers the predicted cost per item::
+
+        now:   (fixed + per_item * n) / n
+        wait:  (w + fixed + per_item * (n + k)) / (n + k),   k = w / gap
+
+    where ``gap`` is the recent time between arrivals.  The policy waits only while a
+    burst is still arriving (the last arrival is recent compared with ``gap``), never
+    before any batch was measured, and never past ``max_latency`` after the oldest
+    queued request arrived.  So a lone request on an idle server goes out at once.
+    """
+
+    MARGIN = 0.9  # waiting must cut the cost per item by at least 10 %
+
+    def __init__(self, max_batch_size: int, max_latency: float):
+        self.max_batch_size = max_batch_size
+        self.max_latency = max_latency
+        self.costs = CostModel()
+        self.gap = 1.0  # smoothed seconds between arrivals; starts "idle"
+        self.last_arrival: float | None = None
+
+    def record_arrival(self, now: float) -> None:
+        if self.last_arrival is not None:
+            self.gap = 0.8 * self.gap + 0.2 * min(now - self.last_arrival, 1.0)
+        self.last_arrival = now
+
+    def record_batch(self, size: int, seconds: float) -> None:
+        self.costs.record(size, seconds)
+
+    def wait_time(self, queued: int, oldest_arrival: float, now: float) -> float:
+        """Seconds to wait before dispatching ``queued`` items; 0 means dispatch now."""
+        budget = oldest_arrival + self.max_latency - now
+        fit = self.costs.fit()
+        if queued >= self.max_batch_size or budget <= 0 or fit is None:
+            return 0.0
+        if self.last_arrival is None or now - self.last_arrival > 2 * self.gap:
+            return 0.0  # no burst under way: nobody else is coming soon
+        fixed, per_item = fit
+        cost_now = (fixed + per_item * queued) / queued
+        time_to_fill = (self.max_batch_size - queued) * self.gap
+        best_wait, best_cost = 0.0, cost_now * self.MARGIN
+        for wait in (min(budget, time_to_fill), budget / 2, budget / 4):
+            expected = min(self.max_batch_size, queued + wait / self.gap)
+            cost = (wait + fixed + per_item * expected) / expected
+            if cost < best_cost:
+                best_wait, best_cost = wait, cost
+        return best_wait
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(eq=False)
+class _Request:
+    items: list
+    arrival: float
+    future: asyncio.Future
+    results: list = field(init=False)
+    taken: int = 0  # items already handed to batches
+    missing: int = field(init=False)  # items still without a result
+    timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
+        self.missing = len(self.items)
+
+    @property
+    def untaken(self) -> int:
+        return len(self.items) - self.taken
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def deliver(self, index: int, output: Any) -> None:
+        if self.future.done():
+            return
+        self.results[index] = output
+        self.missing -= 1
+        if self.missing == 0:
+            self.future.set_result(self.results)
+
+
+Batch = list  # of (request, item index) pairs
+
+
+@dataclass
+class BatcherStats:
+    """Counters the server turns into Prometheus metrics."""
+
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    batches: int = 0
+    items: int = 0
+    compute_seconds: float = 0.0
+    errors: collections.Counter = field(default_factory=collections.Counter)
+
+
+# --------------------------------------------------------------------------- batcher
+
+
+class Batcher:
+    """Merges concurrent callers' items into mini-batches for one model.
+
+    ``model`` is anything :func:`batchserve.model.as_model` accepts (a function, a class
+    with ``load``/``predict``, an instance, ``"module:attr"``), a :class:`ModelSpec`, or a
+    ready :class:`Backend`; a model runs on a :class:`ThreadBackend`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int = 32,
+        max_latency: float = 0.01,
+        max_queue_size: int = 1024,
+        timeout: float = 30.0,
+        name: str = "model",
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if max_latency < 0:
+            raise ValueError("max_latency must be >= 0")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be at least 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.backend = _as_backend(model)
+        self.max_batch_size = max_batch_size
+        self.max_latency = max_latency
+        self.max_queue_size = max_queue_size
+        self.timeout = timeout
+        self.name = name
+        self.policy = DispatchPolicy(max_batch_size, max_latency)
+        self.stats = BatcherStats()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_items = 0
+        self._inflight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._own_thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._started: concurrent.futures.Future | None = None
+        self._accepting = False
+        self._changed: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._batch_tasks: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self.backend.capacity > 0
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch."""
+        return self._queued_items
+
+    @property
+    def inflight(self) -> int:
+        """Batches running on the backend now."""
+        return self._inflight
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load the model and start dispatching on the running loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        with self._start_lock:
+            first = self._started is None
+            if first:
+                self._started = concurrent.futures.Future()
+                self._loop = loop
+        if not first:
+            await asyncio.wrap_future(self._started)
+            return
+        try:
+            self._changed = asyncio.Event()
+            self.backend.on_capacity_change(self._wake_threadsafe)
+            await self.backend.start()
+            self._dispatcher = loop.create_task(self._dispatch_forever())
+            self._accepting = True
+        except BaseException as error:
+            self._started.set_exception(error)
+            raise
+        self._started.set_result(None)
+
+    def start_in_thread(self) -> None:
+        """Start on a private event loop in a daemon thread (for sync callers)."""
+        with self._start_lock:
+            if self._started is not None:
+                started = self._started
+            else:
+                started = None
+                loop = asyncio.new_event_loop()
+                self._own_thread = threading.Thread(
+                    target=loop.run_forever, name=f"batchserve-{self.name}", daemon=True
+                )
+                self._own_thread.start()
+        if started is not None:
+            started.result()
+            return
+        asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; wait up to ``grace`` s for queued and running work; stop."""
+        self._accepting = False
+        if self._loop is None:
+            return
+        deadline = self._loop.time() + grace
+        while (self._queued_items or self._inflight) and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for request in list(self._queue):
+            request.fail(NotReadyError("batcher shut down before this request ran"))
+        self._queue.clear()
+        self._queued_items = 0
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        for task in list(self._batch_tasks):
+            task.cancel()
+        await self.backend.close()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Blocking :meth:`close`, from any thread but the batcher's own loop."""
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.close(grace), self._loop).result()
+        if self._own_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_thread.join(timeout=5)
+
+    def __enter__(self) -> "Batcher":
+        self.start_in_thread()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "Batcher":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- calling styles
+
+    async def submit(self, items: Iterable, timeout: float | None = None) -> list:
+        """Await the outputs for ``items`` (in order)."""
+        if self._started is None:
+            await self.start()
+        running = asyncio.get_running_loop()
+        if running is self._loop:
+            return await self._submit_here(items, timeout)
+        return await asyncio.wrap_future(self.submit_future(items, timeout))
+
+    def submit_future(self, items: Iterable, timeout: float | None = None) -> concurrent.futures.Future:
+        """Queue ``items`` from any thread; the future resolves to their outputs."""
+        if self._started is None:
+            self.start_in_thread()
+        assert self._loop is not None
+        if _running_loop() is self._loop:
+            raise RuntimeError("on the batcher's own loop, use 'await batcher.submit(items)'")
+        return asyncio.run_coroutine_threadsafe(self._submit_here(items, timeout), self._loop)
+
+    def predict(self, items: Iterable, timeout: float | None = None) -> list:
+        """Block until the outputs for ``items`` are ready (thread-safe)."""
+        future = self.submit_future(items, timeout)
+        limit = (timeout if timeout is not None else self.timeout) + 5.0
+        try:
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceededError("no answer from the batcher's loop") from None
+
+    # ---------------------------------------------------------------- queueing
+
+    async def _submit_here(self, items: Iterable, timeout: float | None) -> list:
+        items = list(items)
+        if not items:
+            return []
+        timeout = self.timeout if timeout is None else timeout
+        self._admit(len(items), timeout)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        request = _Request(items, now, loop.create_future())
+        request.timer = loop.call_at(now + timeout, self._expire, request, timeout)
+        request.future.add_done_callback(lambda _: self._forget(request))
+        self._queue.append(request)
+        self._queued_items += len(items)
+        self.policy.record_arrival(now)
+        self._changed.set()
+        return await request.future  # cancelling the caller cancels this future
+
+    def _admit(self, count: int, timeout: float) -> None:
+        """Refuse at once what cannot be accepted."""
+        if not self._accepting:
+            raise NotReadyError(f"model {self.name!r} is not ready")
+        if timeout <= 0:
+            raise DeadlineExceededError("deadline already passed")
+        if count > self.max_queue_size:
+            raise InputError(f"request has {count} items; the limit is {self.max_queue_size}")
+        if self._queued_items + count > self.max_queue_size:
+            self.stats.errors["overloaded"] += 1
+            raise OverloadedError(
+                f"queue full ({self._queued_items} items waiting)", retry_after=self._retry_after()
+            )
+
+    def _retry_after(self) -> float:
+        """Seconds until the queue has likely drained."""
+        fit = self.policy.costs.fit()
+        if fit is None:
+            return 1.0
+        fixed, per_item = fit
+        batches = math.ceil(self._queued_items / self.max_batch_size)
+        seconds = batches * (fixed + per_item * self.max_batch_size)
+        return max(1.0, seconds / max(self.backend.capacity, 1))
+
+    def _expire(self, request: _Request, timeout: float) -> None:
+        self.stats.errors["deadline"] += 1
+        request.fail(DeadlineExceededError(f"deadline of {timeout:g} s exceeded"))
+
+    def _forget(self, request: _Request) -> None:
+        """A finished, failed, expired or cancelled request leaves the queue."""
+        if request.timer is not None:
+            request.timer.cancel()
+        self._queued_items -= request.untaken
+        request.taken = len(request.items)
+
+    # ---------------------------------------------------------------- dispatch
+
+    async def _dispatch_forever(self) -> None:
+        assert self._changed is not None and self._loop is not None
+        while True:
+            self._drop_finished_head()
+            if not self._queue or self._inflight >= self.backend.capacity:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            now = self._loop.time()
+            wait = self.policy.wait_time(self._queued_items, self._queue[0].arrival, now)
+            if wait > 0:
+                self._changed.clear()
+                await self._sleep_unless_changed(wait)
+                continue
+            batch = self._take_batch()
+            self._inflight += 1
+            task = self._loop.create_task(self._run_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _sleep_unless_changed(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _drop_finished_head(self) -> None:
+        while self._queue and self._queue[0].untaken == 0:
+            self._queue.popleft()
+
+    def _take_batch(self) -> Batch:
+        batch: Batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            request = self._queue[0]
+            count = min(request.untaken, self.max_batch_size - len(batch))
+            batch.extend((request, index) for index in range(request.taken, request.taken + count))
+            request.taken += count
+            self._queued_items -= count
+            self._drop_finished_head()
+        return batch
+
+    def _wake_threadsafe(self) -> None:
+        if self._loop is not None and self._changed is not None:
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    # ---------------------------------------------------------------- compute
+
+    async def _run_batch(self, batch: Batch) -> None:
+        try:
+            await self._compute(batch, retried=False)
+        except asyncio.CancelledError:
+            for request, _ in batch:
+                request.fail(NotReadyError("batcher shut down while this request ran"))
+            raise
+        except Exception as error:  # a bug here must still answer every caller
+            log.exception("batch failed unexpectedly")
+            for request, _ in batch:
+                request.fail(ModelError(f"internal error: {error}"))
+        finally:
+            self._inflight -= 1
+            self._changed.set()
+
+    async def _compute(self, batch: Batch, retried: bool) -> None:
+        live = [(request, index) for request, index in batch if not request.future.done()]
+        if not live:
+            return
+        inputs = [request.items[index] for request, index in live]
+        started = self._loop.time()
+        try:
+            outputs = _as_output_list(await self.backend.run(inputs), len(inputs))
+        except WorkerDiedError as error:
+            self.stats.errors["worker_died"] += 1
+            if retried:
+                _fail_all(live, error)
+            else:
+                log.warning("worker died under a batch of %d; retrying once", len(live))
+                await self._compute(live, retried=True)
+            return
+        except Exception as error:
+            await self._isolate(live, error, retried)
+            return
+        self._record_batch(len(live), self._loop.time() - started)
+        for (request, index), output in zip(live, outputs):
+            request.deliver(index, output)
+
+    async def _isolate(self, live: Batch, error: Exception, retried: bool) -> None:
+        """Split a failing batch until only the requests whose items fail get the error."""
+        requests = {id(request) for request, _ in live}
+        if len(requests) == 1:
+            self.stats.errors["model"] += 1
+            _fail_all(live, _model_error(error))
+            return
+        middle = len(live) // 2
+        await self._compute(live[:middle], retried)
+        await self._compute(live[middle:], retried)
+
+    def _record_batch(self, size: int, seconds: float) -> None:
+        self.policy.record_batch(size, seconds)
+        self.stats.batch_sizes[size] += 1
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.compute_seconds += seconds
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_backend(model: Any) -> Backend:
+    if isinstance(model, Backend):
+        return model
+    if isinstance(model, ModelSpec):
+        return ThreadBackend(model)
+    return ThreadBackend(ModelSpec(model))
+
+
+def _as_output_list(outputs: Any, expected: int) -> list:
+    try:
+        outputs = list(outputs)
+    except TypeError:
+        raise ModelError(f"predict returned {type(outputs).__name__}, expected a list") from None
+    if len(outputs) != expected:
+        raise ModelError(
+            f"predict returned {len(outputs)} outputs for a batch of {expected} inputs"
+        )
+    return outputs
+
+
+def _model_error(error: Exception) -> ModelError:
+    if isinstance(error, ModelError):
+        return error
+    return ModelError(f"{type(error).__name__}: {error}")
+
+
+def _fail_all(batch: Batch, error: BaseException) -> None:
+    for request, _ in batch:
+        request.fail(error)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

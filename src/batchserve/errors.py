@@ -1,0 +1,64 @@
+"""The errors a caller can get back, each mapped to one HTTP status by the server."""
+
+from __future__ import annotations
+
+
+class BatchserveError(Exception):
+    """Base class of every error batchserve raises on purpose."""
+
+    status_code = 500
+    kind = "internal"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class OverloadedError(BatchserveError):
+    """The queue is full: the request was refused at once (HTTP 503 + Retry-After)."""
+
+    status_code = 503
+    kind = "overloaded"
+
+    def __init__(self, message: str = "server overloaded, retry later", retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReadyError(BatchserveError):
+    """The model is not loaded yet, or no worker is up (HTTP 503)."""
+
+    status_code = 503
+    kind = "not_ready"
+
+    def __init__(self, message: str = "model not ready", retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(BatchserveError, TimeoutError):
+    """The request's deadline passed before its results were ready (HTTP 504)."""
+
+    status_code = 504
+    kind = "deadline"
+
+
+class ModelError(BatchserveError):
+    """`predict` raised, or returned a wrong number of outputs (HTTP 500, message kept)."""
+
+    status_code = 500
+    kind = "model"
+
+
+class WorkerDiedError(BatchserveError):
+    """The worker running a batch died; the batch may be retried once elsewhere."""
+
+    status_code = 500
+    kind = "worker_died"
+
+
+class InputError(BatchserveError, ValueError):
+    """The request itself is not acceptable (HTTP 422)."""
+
+    status_code = 422
+    kind = "invalid_request"

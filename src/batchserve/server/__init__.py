@@ -1,0 +1,1 @@
+"""The HTTP server: app factory (:mod:`.app`), errors, limits, metrics and settings."""

@@ -1,0 +1,99 @@
+"""The FastAPI app factory: services' routes, health, metrics, errors and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator, Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import batchserve
+from batchserve.apps import build_services
+from batchserve.apps.base import Service
+from batchserve.server.errors import install_error_handlers
+from batchserve.server.limits import BodyLimitMiddleware
+from batchserve.server.metrics import Metrics, RequestMetricsMiddleware
+from batchserve.server.responses import FastJSONResponse
+from batchserve.server.settings import Settings
+
+log = logging.getLogger("batchserve.server")
+
+SHUTDOWN_GRACE = 10.0
+
+
+def create_app(settings: Settings | None = None, services: Iterable[Service] | None = None) -> FastAPI:
+    """Build the app.  Models load after the server starts listening; ``/readyz`` says when."""
+    settings = settings or Settings()
+    services = list(services) if services is not None else build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_start_all(services))
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(*(s.close(SHUTDOWN_GRACE) for s in services), return_exceptions=True)
+
+    app = FastAPI(
+        title="batchserve",
+        version=batchserve.__version__,
+        lifespan=lifespan,
+        default_response_class=FastJSONResponse,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
+    app.state.settings = settings
+    app.state.services = services
+    install_error_handlers(app)
+    for service in services:
+        app.include_router(service.router)
+    _add_health_routes(app, services)
+    if settings.metrics:
+        metrics = Metrics(lambda: [b for s in services for b in s.batchers.values()])
+        app.state.errors_total = metrics.errors_total
+        _add_metrics_route(app, metrics)
+        app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for gunicorn/uvicorn ``--factory``: settings come from ``BATCHSERVE_SETTINGS``."""
+    return create_app(Settings.from_env())
+
+
+async def _start_all(services: list[Service]) -> None:
+    async def start(service: Service) -> None:
+        try:
+            await service.start()
+        except Exception as error:
+            service.error = f"{type(error).__name__}: {error}"
+            log.error("service %s failed to start: %s", service.name, service.error)
+
+    await asyncio.gather(*(start(service) for service in services))
+    log.info("ready: %s", ", ".join(service.name for service in services))
+
+
+def _add_health_routes(app: FastAPI, services: list[Service]) -> None:
+    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Every model is loaded and has a worker up")
+    async def readyz():
+        ready = all(service.ready() for service in services)
+        body = {"ready": ready, "services": {s.name: s.describe() for s in services}}
+        return FastJSONResponse(body, status_code=200 if ready else 503)
+
+
+def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=False)
+    async def prometheus(request: Request):
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

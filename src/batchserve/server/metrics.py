@@ -1,0 +1,96 @@
+"""Prometheus metrics: request latency, errors by kind, and each batcher's queue and batches.
+
+Request metrics are recorded by a small ASGI middleware; batcher figures are read from
+:class:`~batchserve.batching.BatcherStats` at scrape time, so the batching path pays nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchserve.batching import Batcher
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class BatcherCollector:
+    """Exposes every batcher's queue depth, in-flight batches and batch-size histogram."""
+
+    def __init__(self, batchers: Callable[[], Iterable[Batcher]]):
+        self.batchers = batchers
+
+    def collect(self):
+        depth = GaugeMetricFamily("batchserve_queue_depth", "Items waiting for a batch", labels=["model"])
+        inflight = GaugeMetricFamily("batchserve_inflight_batches", "Batches running now", labels=["model"])
+        sizes = HistogramMetricFamily("batchserve_batch_size", "Items per batch run", labels=["model"])
+        compute = CounterMetricFamily(
+            "batchserve_compute_seconds", "Time spent in predict()", labels=["model"]
+        )
+        for batcher in self.batchers():
+            depth.add_metric([batcher.name], batcher.queue_depth)
+            inflight.add_metric([batcher.name], batcher.inflight)
+            stats = batcher.stats
+            sizes.add_metric([batcher.name], _cumulative(stats.batch_sizes), stats.items)
+            compute.add_metric([batcher.name], stats.compute_seconds)
+        yield from (depth, inflight, sizes, compute)
+
+
+class Metrics:
+    """The registry of one app, and the instruments the server records into."""
+
+    def __init__(self, batchers: Callable[[], Iterable[Batcher]]):
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "batchserve_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors_total = Counter(
+            "batchserve_errors_total", "Error responses by kind", ["kind"], registry=self.registry
+        )
+        self.registry.register(BatcherCollector(batchers))
+
+
+class RequestMetricsMiddleware:
+    """Times each HTTP request by route template and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.request_seconds.labels(path, str(status)).observe(time.perf_counter() - started)
+
+
+def _cumulative(counts: dict[int, int]) -> list[tuple[str, float]]:
+    buckets, total = [], 0
+    for bound in BATCH_SIZE_BUCKETS:
+        total = sum(count for size, count in counts.items() if size <= bound)
+        buckets.append((str(bound), total))
+    buckets.append(("+Inf", sum(counts.values())))
+    return buckets

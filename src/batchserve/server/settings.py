@@ -1,0 +1,40 @@
+"""Server settings: one object built by the CLI, passed to the app factory.
+
+They travel to gunicorn workers as JSON in the ``BATCHSERVE_SETTINGS`` variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+SETTINGS_ENV = "BATCHSERVE_SETTINGS"
+
+
+class Settings(BaseModel):
+    apps: list[str] = Field(default_factory=lambda: ["embeddings"])
+    models: list[str] = Field(default_factory=list, description="user models, [name=]module:attr")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = Field(64, ge=1)
+    max_latency: float = Field(0.01, ge=0)
+    max_queue_size: int = Field(1024, ge=1)
+    timeout: float = Field(30.0, gt=0, description="default per-request deadline, seconds")
+    max_timeout: float = Field(600.0, gt=0, description="largest deadline a client may ask for")
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    backend: str = "thread"
+    workers: int = Field(1, ge=1)
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    redis_url: str | None = None
+    docs: bool = True
+    metrics: bool = True
+    log_level: str = "warning"
+
+    def to_env(self) -> None:
+        os.environ[SETTINGS_ENV] = self.model_dump_json()
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        raw = os.environ.get(SETTINGS_ENV)
+        return cls.model_validate_json(raw) if raw else cls()

@@ -1,0 +1,52 @@
+"""Fake models for tests about timing logic and error handling (the real models are elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+
+class RecordingModel:
+    """Doubles numbers after a fixed cost per batch; records every batch it saw."""
+
+    def __init__(self, cost: float = 0.01, per_item: float = 0.0):
+        self.cost = cost
+        self.per_item = per_item
+        self.batches: list[list] = []
+        self.lock = threading.Lock()
+
+    def predict(self, batch: list) -> list:
+        with self.lock:
+            self.batches.append(list(batch))
+        time.sleep(self.cost + self.per_item * len(batch))
+        for item in batch:
+            if item == "poison":
+                raise ValueError("poison item cannot be doubled")
+        return [item * 2 for item in batch]
+
+    @property
+    def seen(self) -> list:
+        return [item for batch in self.batches for item in batch]
+
+
+def double(batch: list) -> list:
+    """A plain function model for `--model tests.fakes:double`."""
+    time.sleep(0.005)
+    return [x * 2 for x in batch]
+
+
+class Greeter:
+    """A class model with load(), for `--model tests.fakes:Greeter`."""
+
+    def load(self) -> None:
+        self.greeting = "hello"
+        self.pid = os.getpid()
+
+    def predict(self, batch: list) -> list:
+        time.sleep(0.005)
+        return [{"text": f"{self.greeting} {name}", "batch_size": len(batch)} for name in batch]
+
+
+def wrong_count(batch: list) -> list:
+    return batch[:-1] if len(batch) > 1 else []
