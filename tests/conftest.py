@@ -24,13 +24,14 @@ def free_port() -> int:
 class ServerProcess:
     """`batchserve serve ARGS` on loopback; stopped (and reaped) by the fixture."""
 
-    def __init__(self, *args: str, ready_timeout: float = 120.0):
+    def __init__(self, *args: str, ready_timeout: float | None = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         command = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.wait_ready(ready_timeout)
+        if ready_timeout is not None:
+            self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -50,3 +50,33 @@ class Greeter:
 
 def wrong_count(batch: list) -> list:
     return batch[:-1] if len(batch) > 1 else []
+
+
+def slow(batch: list) -> list:
+    """Half a second per batch: keeps the queue full for overload and deadline tests."""
+    time.sleep(0.5)
+    return list(batch)
+
+
+def fragile(batch: list) -> list:
+    """Fails on the input "boom" with a message the caller must see."""
+    if "boom" in batch:
+        raise RuntimeError("cannot handle boom")
+    time.sleep(0.002)
+    return [str(x).upper() for x in batch]
+
+
+def batch_sizes(batch: list) -> list:
+    """Answers each input with the size of the batch it ran in."""
+    time.sleep(0.02)
+    return [len(batch) for _ in batch]
+
+
+class SlowLoader:
+    """Takes two seconds to load: /readyz must say 503 meanwhile."""
+
+    def load(self) -> None:
+        time.sleep(2.0)
+
+    def predict(self, batch: list) -> list:
+        return list(batch)

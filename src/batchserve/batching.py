@@ -293,9 +293,23 @@ class Batcher:
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; wait up to ``grace`` s for queued and running work; stop."""
-        self._accepting = False
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             return
+        if asyncio.get_running_loop() is self._loop:
+            await self._close_here(grace)
+            return
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close_here(grace), self._loop))
+        await asyncio.to_thread(self._stop_own_thread)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Blocking :meth:`close`, from any thread but the batcher's own loop."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._close_here(grace), self._loop).result()
+        self._stop_own_thread()
+
+    async def _close_here(self, grace: float) -> None:
+        self._accepting = False
         deadline = self._loop.time() + grace
         while (self._queued_items or self._inflight) and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
@@ -309,12 +323,8 @@ class Batcher:
             task.cancel()
         await self.backend.close()
 
-    def stop(self, grace: float = 0.0) -> None:
-        """Blocking :meth:`close`, from any thread but the batcher's own loop."""
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.close(grace), self._loop).result()
-        if self._own_thread is not None:
+    def _stop_own_thread(self) -> None:
+        if self._own_thread is not None and self._own_thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._own_thread.join(timeout=5)
 
@@ -336,7 +346,7 @@ class Batcher:
 
     async def submit(self, items: Iterable, timeout: float | None = None) -> list:
         """Await the outputs for ``items`` (in order)."""
-        if self._started is None:
+        if self._started is None or not self._started.done():
             await self.start()
         running = asyncio.get_running_loop()
         if running is self._loop:
@@ -347,6 +357,8 @@ class Batcher:
         """Queue ``items`` from any thread; the future resolves to their outputs."""
         if self._started is None:
             self.start_in_thread()
+        elif not self._started.done() and _running_loop() is not self._loop:
+            self._started.result()
         assert self._loop is not None
         if _running_loop() is self._loop:
             raise RuntimeError("on the batcher's own loop, use 'await batcher.submit(items)'")

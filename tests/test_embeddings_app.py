@@ -1,0 +1,115 @@
+"""The default app on the bundled all-MiniLM-L6-v2, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from batchserve.apps.embeddings import EmbeddingModel, cluster
+
+DOG_WALKING = [
+    "Dog Walking: 10 Simple Steps",
+    "The Secrets of Dog Walking",
+    "Why You Need To Dog Walking",
+    "The Art of Dog Walking",
+    "The Joy of Dog Walking",
+]
+PUBLIC_SPEAKING = [
+    "Public Speaking For The Modern Age",
+    "Learn The Art of Public Speaking",
+    "Master The Art of Public Speaking",
+    "The Best Way To Public Speaking",
+]
+
+
+@pytest.fixture(scope="module")
+def direct_model():
+    model = EmbeddingModel(device="cpu")
+    model.load()
+    return model
+
+
+def test_http_embeddings_equal_direct_encode(embeddings_server, direct_model):
+    texts = ["twinkle twinkle little star", "A much longer sentence about serving models in batches.", "x"]
+    reply = httpx.post(f"{embeddings_server.url}/v1/embeddings", json={"input": texts, "model": "minilm"}, timeout=30)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [item["index"] for item in body["data"]] == [0, 1, 2]
+    assert all(item["object"] == "embedding" for item in body["data"])
+    served = np.array([item["embedding"] for item in body["data"]])
+    direct = direct_model.encoder.encode(texts, convert_to_numpy=True)
+    assert served.shape == (3, 384)
+    assert np.abs(served - direct).max() < 1e-5
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 3
+
+
+def test_single_string_and_base64(embeddings_server, direct_model):
+    reply = httpx.post(
+        f"{embeddings_server.url}/v1/embeddings", json={"input": "hello", "encoding_format": "base64"}, timeout=30
+    ).json()
+    assert len(reply["data"]) == 1
+    vector = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), dtype="<f4")
+    assert np.abs(vector - direct_model.encoder.encode(["hello"])[0]).max() < 1e-5
+
+
+async def test_concurrent_requests_match_and_are_batched(embeddings_server, direct_model):
+    texts = [f"sentence number {i} about batching" for i in range(40)]
+    async with httpx.AsyncClient(base_url=embeddings_server.url, timeout=60) as client:
+        replies = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": t}) for t in texts))
+    served = np.array([reply.json()["data"][0]["embedding"] for reply in replies])
+    assert np.abs(served - direct_model.encoder.encode(texts)).max() < 1e-4  # batch padding differs slightly
+    metrics = httpx.get(f"{embeddings_server.url}/metrics").text
+    single = float(_metric(metrics, 'batchserve_batch_size_bucket{le="1",model="all-MiniLM-L6-v2"}'))
+    total = float(_metric(metrics, 'batchserve_batch_size_count{model="all-MiniLM-L6-v2"}'))
+    assert total > single, "some batch held more than one item"
+
+
+def test_cluster_finds_the_two_origin_story_groups(embeddings_server):
+    reply = httpx.post(f"{embeddings_server.url}/cluster", json={"sentences": DOG_WALKING + PUBLIC_SPEAKING}, timeout=30)
+    assert reply.status_code == 200
+    groups = sorted(sorted(group) for group in reply.json()["clusters"])
+    assert groups == sorted([sorted(DOG_WALKING), sorted(PUBLIC_SPEAKING)])
+
+
+def test_cluster_threshold_and_single_sentence():
+    vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    assert cluster(vectors, 0.5) == [[0, 1], [2]]
+    assert cluster(vectors, 0.999) == [[0], [1], [2]]
+    assert cluster(vectors[:1], 0.5) == [[0]]
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/embeddings", {"input": []}),
+        ("/v1/embeddings", {"input": ""}),
+        ("/v1/embeddings", {"input": [1, 2]}),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}),
+        ("/v1/embeddings", {"inputs": "x"}),
+        ("/cluster", {"sentences": []}),
+        ("/cluster", {"sentences": ["a"], "threshold": 2}),
+    ],
+)
+def test_malformed_bodies_are_422(embeddings_server, path, body):
+    reply = httpx.post(f"{embeddings_server.url}{path}", json=body, timeout=30)
+    assert reply.status_code == 422
+    assert reply.json()["error"]["message"]
+
+
+def test_wrong_dimensions_and_oversize(embeddings_server):
+    reply = httpx.post(f"{embeddings_server.url}/v1/embeddings", json={"input": "x", "dimensions": 10})
+    assert reply.status_code == 422 and "384" in reply.json()["error"]["message"]
+    huge = {"input": "word " * 300_000}
+    assert httpx.post(f"{embeddings_server.url}/v1/embeddings", json=huge).status_code == 413
+
+
+def _metric(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return line.rsplit(" ", 1)[1]
+    raise AssertionError(f"{name} not in metrics")
