@@ -80,5 +80,45 @@ def run_server(settings) -> None:
     )
 
 
+@app.command()
+def bench(
+    url: str = typer.Argument(..., help="server URL (the app's path is added) or a full endpoint URL"),
+    app_name: str = typer.Option("embeddings", "--app", help="body template: embeddings, cluster, completions, autocomplete, infill, custom"),
+    model: Optional[str] = typer.Option(None, "--model", help="model name for the custom template (/models/NAME/predict)"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, help="closed loop: clients sending back to back (default 1)"),
+    rate: Optional[float] = typer.Option(None, "--rate", "-r", min=0.001, help="open loop: requests per second, whatever the server does"),
+    duration: float = typer.Option(10.0, "--duration", "-d", min=0.001, help="stop sending after this many seconds"),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", min=1, help="stop after this many requests"),
+    items: int = typer.Option(1, min=1, help="texts per request"),
+    timeout: float = typer.Option(30.0, min=0.001, help="per-request client timeout, seconds"),
+    json_output: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+) -> None:
+    """Drive load against a server and report req/s, latency percentiles, errors and batch sizes."""
+    import orjson
+    from rich.console import Console
+
+    from batchserve.bench import TEMPLATES, render, run_bench
+
+    if app_name not in TEMPLATES:
+        raise typer.BadParameter(f"choose one of {', '.join(TEMPLATES)}", param_hint="--app")
+    if concurrency is not None and rate is not None:
+        raise typer.BadParameter("give --concurrency or --rate, not both")
+    progress_console = Console(stderr=True)
+    try:
+        summary = run_bench(
+            url, app=app_name, model=model, items=items, concurrency=concurrency, rate=rate,
+            duration=duration, requests=requests, timeout=timeout,
+            console=progress_console if progress_console.is_terminal else None,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if json_output:
+        typer.echo(orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        render(summary, Console())
+    if summary.ok == 0:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
