@@ -1,23 +1,33 @@
-"""Where batches run: a thread (:mod:`.thread`), worker processes, or remote workers."""
+"""Where batches run: a thread (:mod:`.thread`), supervised worker processes (:mod:`.process`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from batchserve.backends.base import Backend
+from batchserve.backends.process import ProcessBackend
 from batchserve.backends.thread import ThreadBackend
 from batchserve.model import ModelSpec
 
 if TYPE_CHECKING:
     from batchserve.server.settings import Settings
 
-__all__ = ["Backend", "ThreadBackend", "create_backend"]
+__all__ = ["Backend", "ProcessBackend", "ThreadBackend", "create_backend"]
 
-KINDS = ("thread",)
+KINDS = ("thread", "process")
 
 
 def create_backend(spec: ModelSpec, settings: "Settings", name: str) -> Backend:
-    """The backend the settings name (``thread`` today), running the model ``spec``."""
+    """The backend the settings name, running the model ``spec``."""
     if settings.backend == "thread":
         return ThreadBackend(spec)
+    if settings.backend == "process":
+        return ProcessBackend(
+            spec,
+            workers=settings.workers,
+            devices=settings.devices,
+            threads_per_worker=settings.threads_per_worker,
+            max_batches=settings.max_batches_per_worker,
+            name=name,
+        )
     raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(KINDS)}")

@@ -17,6 +17,13 @@ class Backend(ABC):
 
     _capacity_listener: Callable[[], None] | None = None
 
+    def preload(self) -> None:
+        """Load in this process, before it forks, what forked processes should share.
+
+        Called (blocking) by the gunicorn master with ``--http-workers``; most backends
+        need nothing here.  :meth:`start` still runs in each forked process.
+        """
+
     @abstractmethod
     async def start(self) -> None:
         """Load the model(s); return when at least one slot can run a batch."""

@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from batchserve.backends.base import Backend
+from batchserve.devices import fork_safe_loading
 from batchserve.model import Model, ModelSpec
 
 
@@ -15,12 +16,22 @@ class ThreadBackend(Backend):
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.model: Model | None = None
+        self._preloaded: Model | None = None
         self._executor: ThreadPoolExecutor | None = None
+
+    def preload(self) -> None:
+        """Load the model now, in a process about to fork (CPU, one torch thread)."""
+        with fork_safe_loading():
+            model = self.spec.build()
+            model.load()
+        self._preloaded = model
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchserve-model")
-        model = self.spec.build()
-        await asyncio.get_running_loop().run_in_executor(self._executor, model.load)
+        model, self._preloaded = self._preloaded, None
+        if model is None:
+            model = self.spec.build()
+            await asyncio.get_running_loop().run_in_executor(self._executor, model.load)
         self.model = model
         self._capacity_changed()
 
@@ -40,4 +51,4 @@ class ThreadBackend(Backend):
             self._executor = None
 
     def describe(self) -> dict:
-        return {"backend": "thread", "workers": self.capacity}
+        return {"backend": "thread", "workers": 1, "workers_up": self.capacity}

@@ -24,8 +24,11 @@ class Settings(BaseModel):
     max_timeout: float = Field(600.0, gt=0, description="largest deadline a client may ask for")
     max_body_bytes: int = Field(1_000_000, ge=1)
     backend: str = "thread"
-    workers: int = Field(1, ge=1)
-    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    workers: int = Field(1, ge=1, description="worker processes per model (process backend)")
+    devices: list[str] = Field(default_factory=lambda: ["cpu"], description="cpu or cuda:N, round-robin")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cores // workers")
+    max_batches_per_worker: int | None = Field(None, ge=1, description="recycle a worker after this many batches")
+    http_workers: int = Field(1, ge=1, description="HTTP processes; more than 1 runs gunicorn")
     redis_url: str | None = None
     docs: bool = True
     metrics: bool = True

@@ -1,0 +1,115 @@
+"""What runs inside one worker process of the process backend.
+
+The front process and a worker talk over one duplex pipe (a Unix socket pair), each message
+a tuple pickled by :mod:`multiprocessing.connection` — both ends are this package, on one
+machine, so pickle is safe here (the Redis backend, which crosses machines, never uses it).
+
+front → worker: ``("batch", items)`` · ``("stop",)``
+worker → front: ``("ready", info)`` · ``("load_error", message)`` · ``("ok", outputs)`` ·
+``("error", message)``
+
+A worker exits when told to stop, or when the front's end of the pipe closes (the front
+died), so no worker outlives its server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from batchserve.devices import set_torch_threads, worker_env
+from batchserve.model import Model, ModelSpec
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Where and how one worker runs."""
+
+    slot: int
+    device: str
+    threads: int
+
+
+def serve(conn: Connection, config: WorkerConfig, model: Model | ModelSpec, forked: bool) -> None:
+    """Entry point of a worker process: set up, load (unless forked with a loaded model), serve."""
+    _become_worker(conn, config, forked)
+    if isinstance(model, ModelSpec):
+        try:
+            model = model.build()
+            model.load()
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the front
+            _send(conn, ("load_error", f"{type(error).__name__}: {error}"))
+            sys.exit(3)
+    set_torch_threads(config.threads)  # torch may have been imported while loading
+    info = {"pid": os.getpid(), "device": config.device, "threads": config.threads}
+    if _send(conn, ("ready", info)):
+        _serve_batches(conn, model)
+
+
+def _serve_batches(conn: Connection, model: Model) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the front went away
+        if message[0] != "batch":
+            return  # "stop"
+        try:
+            reply = ("ok", model.predict(message[1]))
+        except Exception as error:  # noqa: BLE001 - the front isolates the failing items
+            reply = ("error", f"{type(error).__name__}: {error}")
+        if not _send(conn, reply):
+            return
+
+
+def _send(conn: Connection, message: tuple) -> bool:
+    """Send a message; False when the front is gone.  Unpicklable outputs become an error."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError, ConnectionResetError: the front is gone
+        return False
+    except Exception as error:  # noqa: BLE001 - pickling failed before anything was written
+        return _send(conn, ("error", f"outputs cannot be sent back from the worker: {error}"))
+    return True
+
+
+def _become_worker(conn: Connection, config: WorkerConfig, forked: bool) -> None:
+    """Signals, environment, threads and inherited sockets of a fresh worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is for the front, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    os.environ.update(worker_env(config.device, config.slot, config.threads))
+    set_torch_threads(config.threads)
+    if forked:
+        _release_inherited_sockets(keep=conn.fileno())
+
+
+def _release_inherited_sockets(keep: int) -> None:
+    """Point every socket inherited through fork, but our own pipe, at /dev/null.
+
+    A forked worker holds copies of the server's listening socket, its event loop's wakeup
+    socket and the other workers' pipes.  Kept open, they would stop the front from seeing
+    a worker die (its pipe never reaches end-of-file) and keep the port bound after the
+    server exits.  ``dup2`` keeps the descriptor numbers taken, so objects inherited from
+    the parent can never close an unrelated file that later reused the number.
+    """
+    try:
+        descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in descriptors:
+            if fd in (0, 1, 2, keep, null):
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+            except OSError:
+                continue
+    finally:
+        os.close(null)

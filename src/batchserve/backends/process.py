@@ -1,0 +1,457 @@
+"""Process backend: N supervised worker processes, each with its own model instance.
+
+The one :class:`~batchserve.batching.Batcher` in the front process hands each batch to a
+free worker; this backend knows which are free (one slot per worker).
+
+* **Placement.** Worker ``i`` runs on ``devices[i % len(devices)]`` (``cpu`` or ``cuda:N``,
+  GPU 0 included), with ``CUDA_VISIBLE_DEVICES`` set before it imports a framework, and
+  ``cores // workers`` torch threads on the CPU unless told otherwise (:mod:`batchserve.devices`).
+* **One copy of the weights.** CPU workers *fork* from a front that has loaded the model
+  once (CPU only, one torch thread, ``gc.freeze()`` before each fork), so the weights are
+  shared copy-on-write.  GPU workers *spawn* and load their own copy.
+* **Supervision.** A worker that dies is restarted at once — with exponential backoff if it
+  died before it was ready.  The batch it held fails with
+  :class:`~batchserve.errors.WorkerDiedError`, which the batcher retries once on another
+  worker.  A worker is recycled after ``max_batches`` batches (plus up to 10 % jitter, so
+  they do not all recycle at once).  Shutdown stops every worker, then terminates, then
+  kills what is left, and reaps them all: no orphans, no zombies.
+
+Everything here runs on the batcher's event loop: the pipes and the processes' exit
+sentinels are watched with ``loop.add_reader``, so no thread is spent per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import gc
+import logging
+import multiprocessing
+import random
+import signal
+import time
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Iterable
+
+from batchserve.backends.base import Backend
+from batchserve.backends.child import WorkerConfig, serve
+from batchserve.devices import environment, fork_safe_loading, is_gpu, parse_devices, threads_per_worker, worker_env
+from batchserve.errors import ModelError, NotReadyError, WorkerDiedError
+from batchserve.model import Model, ModelSpec
+
+log = logging.getLogger("batchserve.workers")
+
+BACKOFF_FIRST = 0.5  # seconds before restarting a worker that died before it was ready
+BACKOFF_MAX = 30.0
+STOP_GRACE = 5.0  # seconds a worker gets to exit after "stop", then SIGTERM, then SIGKILL
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RETIRING = "retiring"  # recycled: finishing, then exits; a replacement is on its way
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class _Worker:
+    slot: int
+    process: Any  # multiprocessing.Process of one of the contexts
+    conn: Connection
+    limit: int | None  # batches before recycling
+    state: State = State.STARTING
+    job: asyncio.Future | None = None
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+    start_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state in (State.IDLE, State.BUSY)
+
+
+class ProcessBackend(Backend):
+    """Runs batches on ``workers`` supervised processes (see the module docstring).
+
+    ``start_method`` is ``fork`` when every device is a CPU (and the platform forks), else
+    ``spawn``; ``preload`` (default: with fork) loads the model once in this process before
+    forking.  ``start_timeout`` bounds how long a worker may take to load its model.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        workers: int = 1,
+        devices: str | Iterable = "cpu",
+        threads_per_worker: int | None = None,
+        max_batches: int | None = None,
+        start_method: str | None = None,
+        preload: bool | None = None,
+        start_timeout: float = 600.0,
+        name: str = "model",
+    ):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.spec = spec
+        self.workers = workers
+        self.devices = parse_devices(devices)
+        self.threads = threads_per_worker
+        self.max_batches = max_batches or None
+        self.start_method = start_method or _default_start_method(self.devices)
+        if self.start_method == "fork" and any(is_gpu(device) for device in self.devices):
+            raise ValueError("GPU workers cannot fork (CUDA does not survive fork): use spawn")
+        self.preload_model = (self.start_method == "fork") if preload is None else preload
+        if self.preload_model and self.start_method != "fork":
+            raise ValueError("preload shares the weights through fork: it needs start_method='fork'")
+        self.start_timeout = start_timeout
+        self.name = name
+        self.restarts = 0
+        self._context = multiprocessing.get_context(self.start_method)
+        self._model: Model | None = None  # loaded here, when preloading
+        self._slots: list[_Worker | None] = [None] * workers
+        self._failures = [0] * workers  # consecutive deaths before ready, per slot
+        self._retiring: set[_Worker] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._freed: asyncio.Event | None = None
+        self._start_error: BaseException | None = None
+        self._started = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- Backend interface
+
+    def preload(self) -> None:
+        """Load the model in this process now, so that forked workers share it."""
+        if self.preload_model and self._model is None:
+            with fork_safe_loading():
+                model = self.spec.build()
+                model.load()
+            self._model = model
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._freed = asyncio.Event()
+        if self.preload_model and self._model is None:
+            await self._loop.run_in_executor(None, self.preload)
+        _live_backends.add(self)
+        if self.start_method == "fork":
+            gc.collect()  # what is frozen before each fork should be live objects only
+        for slot in range(self.workers):
+            self._spawn(slot)
+        await self._wait_started()
+        self._started = True
+
+    @property
+    def capacity(self) -> int:
+        return sum(1 for worker in self._slots if worker is not None and worker.up)
+
+    async def run(self, batch: list) -> list:
+        worker = await self._acquire()
+        worker.state = State.BUSY
+        worker.job = job = self._loop.create_future()
+        try:
+            worker.conn.send(("batch", batch))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # it died: its exit sentinel fails the job
+        except Exception as error:  # pickling failed before anything was written
+            worker.job = None
+            self._set_idle(worker)
+            raise ModelError(f"inputs cannot be sent to a worker process: {error}") from None
+        kind, payload = await job
+        if kind == "error":
+            raise ModelError(payload)
+        return payload
+
+    async def close(self) -> None:
+        self._closed = True
+        for timer in self._timers:
+            timer.cancel()
+        workers = [w for w in self._slots if w is not None] + list(self._retiring)
+        for worker in workers:
+            with _suppress_os_errors():
+                worker.conn.send(("stop",))
+        deadline = time.monotonic() + STOP_GRACE
+        while any(w.process.is_alive() for w in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for worker in workers:
+            self._forget(worker)
+            if worker.job is not None and not worker.job.done():
+                worker.job.set_exception(NotReadyError(f"model {self.name!r} shut down while this batch ran"))
+        _stop_processes([w.process for w in workers])
+        _live_backends.discard(self)
+        self._model = None
+        if self._freed is not None:
+            self._freed.set()  # wake run() calls waiting for a worker: they fail
+
+    def describe(self) -> dict:
+        up = [w for w in self._slots if w is not None and w.up]
+        return {
+            "backend": "process",
+            "workers": self.workers,
+            "workers_up": len(up),
+            "start_method": self.start_method,
+            "devices": self.devices,
+            "restarts": self.restarts,
+            "pids": [w.process.pid for w in up],
+        }
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the workers that are up, by slot."""
+        return [w.process.pid for w in self._slots if w is not None and w.up]
+
+    # ---------------------------------------------------------------- starting workers
+
+    def _spawn(self, slot: int) -> None:
+        """Start the worker of ``slot`` (on the loop's thread); it reports "ready" later."""
+        if self._closed:
+            return
+        device = self.devices[slot % len(self.devices)]
+        config = WorkerConfig(slot, device, threads_per_worker(self.workers, self.threads))
+        front_end, worker_end = self._context.Pipe(duplex=True)
+        forked = self.start_method == "fork"
+        model = self._model if self._model is not None else self.spec
+        process = self._context.Process(
+            target=serve,
+            args=(worker_end, config, model, forked),
+            name=f"batchserve-{self.name}-{slot}",
+            daemon=False,  # a daemon could not start processes of its own (data loaders...)
+        )
+        limit = None
+        if self.max_batches:
+            limit = self.max_batches + random.randint(0, self.max_batches // 10)
+        if forked:
+            gc.freeze()  # keep the parent's objects out of the children's collections
+            process.start()
+        else:
+            with environment(worker_env(device, slot, config.threads)):
+                process.start()
+        worker_end.close()
+        worker = _Worker(slot, process, front_end, limit)
+        self._slots[slot] = worker
+        self._loop.add_reader(front_end.fileno(), self._on_message, worker)
+        self._loop.add_reader(process.sentinel, self._on_exit, worker)
+        worker.start_timer = self._loop.call_later(self.start_timeout, self._start_timed_out, worker)
+        log.info("worker %s/%d starting on %s (pid %d)", self.name, slot, device, process.pid)
+
+    async def _wait_started(self) -> None:
+        """Until every slot is up, or some are and the rest keep failing; raise if none can."""
+        deadline = self._loop.time() + self.start_timeout
+        while True:
+            if self._start_error is not None:
+                error, self._start_error = self._start_error, None
+                await self.close()
+                raise error
+            up = self.capacity
+            failing = sum(1 for count in self._failures if count >= 2)
+            if up == self.workers or (up and up + failing >= self.workers):
+                return
+            if self._loop.time() > deadline:
+                await self.close()
+                raise NotReadyError(f"no worker of {self.name!r} started in {self.start_timeout:g} s")
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start_timed_out(self, worker: _Worker) -> None:
+        if worker.state is State.STARTING:
+            log.error("worker %s/%d not ready after %g s; killing it", self.name, worker.slot, self.start_timeout)
+            with _suppress_os_errors():
+                worker.process.kill()
+
+    # ---------------------------------------------------------------- messages and deaths
+
+    def _on_message(self, worker: _Worker) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            self._on_exit(worker)
+            return
+        except Exception as error:  # the whole message was read, but not unpickled
+            message = ("error", f"outputs cannot be read back from the worker: {error}")
+        self._handle(worker, message)
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.start_timer.cancel()
+            self._failures[worker.slot] = 0
+            self._set_idle(worker)
+            self._capacity_changed()
+            log.info("worker %s/%d ready: %s", self.name, worker.slot, message[1])
+        elif kind == "load_error":
+            log.error("worker %s/%d failed to load the model: %s", self.name, worker.slot, message[1])
+            if not self._started:
+                self._start_error = ModelError(f"model {self.name!r} failed to load in a worker: {message[1]}")
+                self._freed.set()
+        elif kind in ("ok", "error"):
+            job, worker.job = worker.job, None
+            worker.batches += 1
+            if job is not None and not job.done():
+                job.set_result(message)
+            if worker.limit is not None and worker.batches >= worker.limit:
+                self._recycle(worker)
+            else:
+                self._set_idle(worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        """The worker's process ended (or its pipe broke): settle its batch, maybe restart."""
+        if worker.state is State.DEAD:
+            return
+        while worker.state is not State.DEAD and _poll(worker.conn):
+            try:  # a reply written just before it died still counts
+                self._handle(worker, worker.conn.recv())
+            except (EOFError, OSError):
+                break
+        was_up, retiring = worker.up, worker.state is State.RETIRING
+        self._forget(worker)
+        worker.process.join(timeout=1)  # reap: no zombie
+        if worker.job is not None and not worker.job.done():
+            worker.job.set_exception(
+                WorkerDiedError(f"worker process {worker.process.pid} {_exit_reason(worker.process)} running this batch")
+            )
+        worker.job = None
+        if retiring:
+            self._retiring.discard(worker)
+            return
+        if self._slots[worker.slot] is worker:
+            self._slots[worker.slot] = None
+        if was_up:
+            self._capacity_changed()
+        if self._closed:
+            return
+        self.restarts += 1
+        if was_up:
+            log.warning("worker %s/%d (pid %d) %s; restarting", self.name, worker.slot,
+                        worker.process.pid, _exit_reason(worker.process))
+            self._spawn(worker.slot)
+            return
+        self._failures[worker.slot] += 1
+        delay = min(BACKOFF_FIRST * 2 ** (self._failures[worker.slot] - 1), BACKOFF_MAX)
+        log.warning("worker %s/%d %s before it was ready; restarting in %.1f s", self.name,
+                    worker.slot, _exit_reason(worker.process), delay)
+        self._later(delay, self._spawn, worker.slot)
+        if self._freed is not None:
+            self._freed.set()  # _wait_started counts failures
+
+    def _recycle(self, worker: _Worker) -> None:
+        """Retire a worker that ran its share of batches; its replacement starts now."""
+        log.info("recycling worker %s/%d after %d batches", self.name, worker.slot, worker.batches)
+        worker.state = State.RETIRING
+        self._retiring.add(worker)
+        self._slots[worker.slot] = None
+        self._capacity_changed()
+        with _suppress_os_errors():
+            worker.conn.send(("stop",))
+        self._spawn(worker.slot)
+
+    def _forget(self, worker: _Worker) -> None:
+        """Stop watching a worker and close our end of its pipe."""
+        if worker.state is State.DEAD:
+            return
+        worker.state = State.DEAD
+        if worker.start_timer is not None:
+            worker.start_timer.cancel()
+        if self._loop is not None:
+            with _suppress_os_errors():
+                self._loop.remove_reader(worker.conn.fileno())
+            with _suppress_os_errors():
+                self._loop.remove_reader(worker.process.sentinel)
+        worker.conn.close()
+
+    # ---------------------------------------------------------------- free workers
+
+    async def _acquire(self) -> _Worker:
+        """An idle worker; waits while all are busy or restarting."""
+        while True:
+            if self._closed:
+                raise NotReadyError(f"model {self.name!r} is shutting down")
+            for worker in self._slots:
+                if worker is not None and worker.state is State.IDLE:
+                    return worker
+            self._freed.clear()
+            await self._freed.wait()
+
+    def _set_idle(self, worker: _Worker) -> None:
+        worker.state = State.IDLE
+        self._freed.set()
+
+    def _later(self, delay: float, callback, *args) -> None:
+        def fire() -> None:
+            self._timers.discard(timer)
+            callback(*args)
+
+        timer = self._loop.call_later(delay, fire)
+        self._timers.add(timer)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _default_start_method(devices: list[str]) -> str:
+    if any(is_gpu(device) for device in devices):
+        return "spawn"
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _poll(conn: Connection) -> bool:
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return False
+
+
+def _exit_reason(process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _stop_processes(processes: list, grace: float = 2.0) -> None:
+    """SIGTERM what is still alive, then SIGKILL, and reap everything."""
+    for process in processes:
+        if process.is_alive():
+            with _suppress_os_errors():
+                process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            with _suppress_os_errors():
+                process.kill()
+            process.join(timeout=grace)
+
+
+class _suppress_os_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        return kind is not None and issubclass(kind, (OSError, ValueError, KeyError))
+
+
+# Workers still running at interpreter exit are stopped (multiprocessing's own exit hook
+# would otherwise wait forever for non-daemon children that wait for us).
+_live_backends: "weakref.WeakSet[ProcessBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    processes = []
+    for backend in list(_live_backends):
+        backend._closed = True
+        processes += [w.process for w in backend._slots if w is not None]
+        processes += [w.process for w in backend._retiring]
+    _stop_processes([p for p in processes if p.pid is not None])

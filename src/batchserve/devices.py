@@ -1,0 +1,137 @@
+"""Devices and threads for worker processes.
+
+A worker is placed on one device: ``cpu``, or ``cuda:N``.  Each worker process gets
+
+* ``CUDA_VISIBLE_DEVICES`` — ``N`` for ``cuda:N`` (so the model sees its GPU as ``cuda:0``),
+  empty for ``cpu`` — set before the child imports a framework;
+* ``BATCHSERVE_DEVICE`` — the device it was given (``cpu`` or ``cuda:N``), which a model can
+  read with :func:`worker_device`;
+* ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` and torch's thread count — its share of the cores.
+
+Nothing here imports torch: a model that never uses it never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import Iterable, Iterator
+
+DEVICE_ENV = "BATCHSERVE_DEVICE"
+WORKER_ENV = "BATCHSERVE_WORKER"
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+# os.environ is process-wide: changes that a child must inherit are made under this lock.
+_ENV_LOCK = threading.Lock()
+
+
+def parse_devices(devices: str | Iterable) -> list[str]:
+    """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"``, ``(0, 1)`` → ``["cpu"]``, ``["cuda:0", "cuda:1"]``…"""
+    parts = devices.split(",") if isinstance(devices, str) else list(devices)
+    parsed = [_parse_one(part) for part in parts if str(part).strip()]
+    if not parsed:
+        raise ValueError("no device given; use cpu, cuda:N or a comma-separated list")
+    return parsed
+
+
+def _parse_one(device) -> str:
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text == "gpu":
+        return "cuda:0"
+    index = text.removeprefix("cuda:").removeprefix("gpu:")
+    if index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ValueError(f"unknown device {device!r}; use cpu, cuda:N or a GPU index")
+
+
+def is_gpu(device: str) -> bool:
+    return device.startswith("cuda:")
+
+
+def visible_devices(device: str) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value for a worker on ``device``."""
+    return device.partition(":")[2] if is_gpu(device) else ""
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, requested: int | None = None) -> int:
+    """Torch threads for each of ``workers`` CPU workers: cores // workers unless told."""
+    if requested:
+        return requested
+    return max(1, cpu_count() // max(workers, 1))
+
+
+def worker_env(device: str, slot: int, threads: int) -> dict[str, str]:
+    """Environment variables a worker on ``device`` must have before it imports a framework."""
+    env = {
+        "CUDA_VISIBLE_DEVICES": visible_devices(device),
+        DEVICE_ENV: device,
+        WORKER_ENV: str(slot),
+    }
+    env.update({name: str(threads) for name in THREAD_ENV})
+    return env
+
+
+def worker_device() -> str | None:
+    """The device the process backend gave this worker (``cpu``, ``cuda:N``), or None.
+
+    Under ``CUDA_VISIBLE_DEVICES`` the worker's GPU is ``cuda:0`` inside the process; see
+    :func:`torch_device`.
+    """
+    return os.environ.get(DEVICE_ENV) or None
+
+
+def torch_device() -> str | None:
+    """The torch device string for this worker (``cpu`` or ``cuda``), or None outside workers."""
+    device = worker_device()
+    if device is None:
+        return None
+    return "cuda" if is_gpu(device) else "cpu"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a moment (a spawned child inherits them), then restore."""
+    with _ENV_LOCK:
+        saved = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op threads, if torch is already imported (never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def fork_safe_loading() -> Iterator[None]:
+    """Load a model in a process that will fork: CPU only, one torch thread.
+
+    A multithreaded torch op (OpenMP) in the parent before ``fork`` leaves the children's
+    thread pool broken, and a CUDA context does not survive ``fork``.  So the model is
+    loaded with GPUs hidden and one thread; each child then sets its own thread count.
+    """
+    set_torch_threads(1)  # torch imported earlier: no new OpenMP team from here on
+    with environment({"CUDA_VISIBLE_DEVICES": "", DEVICE_ENV: "cpu", **dict.fromkeys(THREAD_ENV, "1")}):
+        yield
+    set_torch_threads(1)  # torch imported while loading: read the variables above; make sure
