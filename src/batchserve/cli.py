@@ -29,7 +29,18 @@ def serve(
     max_queue_size: int = typer.Option(1024, min=1, help="queued items past which requests get 503"),
     timeout: float = typer.Option(30.0, min=0.001, help="default per-request deadline, seconds"),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="larger request bodies get 413"),
-    backend: str = typer.Option("thread", help="where batches run: thread"),
+    backend: str = typer.Option("thread", help="where batches run: thread, process (worker processes) or redis"),
+    workers: int = typer.Option(1, min=1, help="process backend: worker processes per model"),
+    devices: List[str] = typer.Option(
+        None, "--devices", help="process backend: cpu, or cuda:0,cuda:1 (round-robin over workers)"
+    ),
+    threads_per_worker: int = typer.Option(0, min=0, help="process backend: torch threads per worker (0: cores // workers)"),
+    max_batches_per_worker: int = typer.Option(0, min=0, help="process backend: recycle a worker after N batches (0: never)"),
+    http_workers: int = typer.Option(1, min=1, help="HTTP processes; more than 1 runs gunicorn (deploy/gunicorn.conf.py)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="redis backend: redis://[:password@]host:port/db"),
+    prefix: str = typer.Option("", "--prefix", help="redis backend: key prefix, the same as the workers'"),
+    drain_seconds: float = typer.Option(1.0, min=0, help="on SIGTERM: seconds /readyz answers 503 before closing"),
+    grace: float = typer.Option(30.0, min=0, help="on shutdown: seconds in-flight requests may take"),
     no_docs: bool = typer.Option(False, "--no-docs", help="do not serve /docs and /openapi.json"),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="do not serve /metrics"),
     log_level: str = typer.Option("warning", help="debug, info, warning or error"),
@@ -48,6 +59,15 @@ def serve(
         timeout=timeout,
         max_body_bytes=max_body_bytes,
         backend=backend,
+        workers=workers,
+        devices=list(devices or ["cpu"]),
+        threads_per_worker=threads_per_worker or None,
+        max_batches_per_worker=max_batches_per_worker or None,
+        http_workers=http_workers,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        drain_seconds=drain_seconds,
+        grace=grace,
         docs=not no_docs,
         metrics=not no_metrics,
         log_level=log_level,
@@ -56,10 +76,9 @@ def serve(
 
 
 def run_server(settings) -> None:
-    import uvicorn
-
     from batchserve.logs import configure_logging
     from batchserve.server.app import create_app
+    from batchserve.server.run import serve as serve_until_drained
 
     log_config = configure_logging(settings.log_level)
     try:
@@ -67,17 +86,7 @@ def run_server(settings) -> None:
     except (ValueError, ImportError, AttributeError, TypeError) as error:
         typer.echo(f"batchserve: {error}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        http="auto",
-        log_config=log_config,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=15,
-    )
+    serve_until_drained(application, settings, log_config)
 
 
 @app.command()
@@ -118,6 +127,41 @@ def bench(
         render(summary, Console())
     if summary.ok == 0:
         raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    redis_url: str = typer.Option(..., "--redis-url", help="redis://[:password@]host:port/db or rediss://"),
+    app_names: List[str] = typer.Option(None, "--app", help="built-in app whose models to serve (default embeddings)"),
+    models: List[str] = typer.Option(None, "--model", help="your model as [name=]module:attr, as given to serve"),
+    prefix: str = typer.Option("", "--prefix", help="key prefix, the same as the fronts'"),
+    workers: int = typer.Option(1, min=1, help="model processes on this host (more than 1: supervised processes)"),
+    devices: List[str] = typer.Option(None, "--devices", help="cpu or cuda:N per process, round-robin; repeatable"),
+    max_batch_size: int = typer.Option(64, min=1, help="most items in one batch"),
+    max_latency: float = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item"),
+    visibility_timeout: float = typer.Option(10.0, min=0.1, help="seconds before a dead worker's requests are taken over"),
+    log_level: str = typer.Option("warning", help="debug, info, warning or error"),
+) -> None:
+    """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
+    from batchserve.backends.redis_worker import run_worker
+    from batchserve.server.settings import Settings
+
+    settings = Settings(
+        apps=list(app_names or ([] if models else ["embeddings"])),
+        models=list(models or []),
+        max_batch_size=max_batch_size,
+        max_latency=max_latency,
+        max_queue_size=1_000_000,  # the stream is the queue; the worker reads only when it has room
+        backend="process" if workers > 1 or devices else "thread",
+        workers=workers,
+        devices=list(devices or ["cpu"]),
+        log_level=log_level,
+    )
+    try:
+        run_worker(settings, redis_url, prefix=prefix, visibility_timeout=visibility_timeout)
+    except (ValueError, ImportError, AttributeError, TypeError) as error:
+        typer.echo(f"batchserve: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from batchserve.server.settings import Settings
 
 log = logging.getLogger("batchserve.server")
 
-SHUTDOWN_GRACE = 10.0
 
 
 def create_app(settings: Settings | None = None, services: Iterable[Service] | None = None) -> FastAPI:
@@ -38,7 +37,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
             yield
         finally:
             loading.cancel()
-            await asyncio.gather(*(s.close(SHUTDOWN_GRACE) for s in services), return_exceptions=True)
+            await asyncio.gather(*(s.close(settings.grace) for s in services), return_exceptions=True)
 
     app = FastAPI(
         title="batchserve",
@@ -51,6 +50,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     )
     app.state.settings = settings
     app.state.services = services
+    app.state.draining = False
     install_error_handlers(app)
     for service in services:
         app.include_router(service.router)
@@ -67,6 +67,22 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
 def create_app_from_env() -> FastAPI:
     """Factory for gunicorn/uvicorn ``--factory``: settings come from ``BATCHSERVE_SETTINGS``."""
     return create_app(Settings.from_env())
+
+
+def create_preloaded_app() -> FastAPI:
+    """Factory for the gunicorn master (``preload_app``): load the models here, before the fork.
+
+    The HTTP workers forked from this process share the weights copy-on-write; each still
+    starts its own batchers when it starts serving.
+    """
+    from batchserve.logs import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    for service in app.state.services:
+        service.preload()
+    return app
 
 
 async def _start_all(services: list[Service]) -> None:
@@ -87,9 +103,10 @@ def _add_health_routes(app: FastAPI, services: list[Service]) -> None:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="Every model is loaded and has a worker up")
-    async def readyz():
-        ready = all(service.ready() for service in services)
-        body = {"ready": ready, "services": {s.name: s.describe() for s in services}}
+    async def readyz(request: Request):
+        draining = request.app.state.draining
+        ready = not draining and all(service.ready() for service in services)
+        body = {"ready": ready, "draining": draining, "services": {s.name: s.describe() for s in services}}
         return FastJSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -29,7 +29,10 @@ class Settings(BaseModel):
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cores // workers")
     max_batches_per_worker: int | None = Field(None, ge=1, description="recycle a worker after this many batches")
     http_workers: int = Field(1, ge=1, description="HTTP processes; more than 1 runs gunicorn")
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, description="redis backend: redis://[:password@]host:port/db or rediss://")
+    redis_prefix: str = Field("", description="redis backend: keeps several deployments apart on one Redis")
+    drain_seconds: float = Field(1.0, ge=0, description="after SIGTERM: seconds /readyz is 503 before closing")
+    grace: float = Field(30.0, ge=0, description="after closing: seconds in-flight requests may take")
     docs: bool = True
     metrics: bool = True
     log_level: str = "warning"

@@ -1,0 +1,62 @@
+"""Run the app on uvicorn with a graceful drain on SIGTERM / SIGINT.
+
+On the first signal ``/readyz`` turns 503 (so load balancers stop sending), the server
+keeps serving for ``drain_seconds``, then stops accepting connections, lets in-flight
+requests finish for up to ``grace`` seconds, closes the batchers and workers and exits 0.
+A second SIGINT forces an immediate exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from batchserve.server.settings import Settings
+
+log = logging.getLogger("batchserve.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float):
+        super().__init__(config)
+        self.app = app
+        self.drain_seconds = drain_seconds
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in uvicorn's captured signals: it would re-raise them on exit,
+        # and a clean drain must exit 0.
+        if self.draining:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self.draining = True
+        self.app.state.draining = True
+        log.warning("signal %s: draining for %.1f s, then shutting down", signal.Signals(sig).name, self.drain_seconds)
+        timer = threading.Timer(self.drain_seconds, self._stop_accepting)
+        timer.daemon = True
+        timer.start()
+
+    def _stop_accepting(self) -> None:
+        self.should_exit = True
+
+
+def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="auto",
+        http="auto",
+        log_config=log_config,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=settings.grace,
+    )
+    DrainingServer(config, app, settings.drain_seconds).run()
