@@ -76,6 +76,9 @@ def serve(
 
 
 def run_server(settings) -> None:
+    if settings.http_workers > 1:
+        run_gunicorn(settings)
+        return
     from batchserve.logs import configure_logging
     from batchserve.server.app import create_app
     from batchserve.server.run import serve as serve_until_drained
@@ -87,6 +90,23 @@ def run_server(settings) -> None:
         typer.echo(f"batchserve: {error}", err=True)
         raise typer.Exit(2) from None
     serve_until_drained(application, settings, log_config)
+
+
+def run_gunicorn(settings) -> None:
+    """Several HTTP processes: replace this process with gunicorn (its master keeps our PID)."""
+    import os
+    import sys
+
+    from batchserve.apps import build_services
+
+    try:
+        build_services(settings)  # fail here, with a clear message, on a bad --app or --model
+    except (ValueError, ImportError, AttributeError, TypeError) as error:
+        typer.echo(f"batchserve: {error}", err=True)
+        raise typer.Exit(2) from None
+    settings.to_env()
+    command = [sys.executable, "-m", "gunicorn", "--config", "python:batchserve.server.gunicorn_config"]
+    os.execv(sys.executable, command)
 
 
 @app.command()

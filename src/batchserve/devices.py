@@ -28,9 +28,11 @@ _ENV_LOCK = threading.Lock()
 
 
 def parse_devices(devices: str | Iterable) -> list[str]:
-    """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"``, ``(0, 1)`` → ``["cpu"]``, ``["cuda:0", "cuda:1"]``…"""
-    parts = devices.split(",") if isinstance(devices, str) else list(devices)
-    parsed = [_parse_one(part) for part in parts if str(part).strip()]
+    """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"``, ``(0, 1)``, ``["cuda:0", "1"]`` → ``["cpu"]``, ``["cuda:0", "cuda:1"]``…"""
+    if isinstance(devices, str):
+        devices = [devices]
+    parts = [part for entry in devices for part in str(entry).split(",")]
+    parsed = [_parse_one(part) for part in parts if part.strip()]
     if not parsed:
         raise ValueError("no device given; use cpu, cuda:N or a comma-separated list")
     return parsed

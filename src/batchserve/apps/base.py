@@ -28,6 +28,11 @@ class Service:
         self.batchers = batchers or {}
         self.error: str | None = None
 
+    def preload(self) -> None:
+        """Load models now, in a process about to fork HTTP workers that will share them."""
+        for batcher in self.batchers.values():
+            batcher.backend.preload()
+
     async def start(self) -> None:
         await asyncio.gather(*(batcher.start() for batcher in self.batchers.values()))
 

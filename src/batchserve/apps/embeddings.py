@@ -34,6 +34,12 @@ def bundled_model_path() -> str:
 
 
 def pick_device() -> str:
+    """The worker's device when the process backend placed it, else a GPU if there is one."""
+    from batchserve.devices import torch_device
+
+    placed = torch_device()
+    if placed is not None:
+        return placed
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,28 @@
+"""gunicorn config for batchserve: several HTTP processes sharing one copy of the models.
+
+``batchserve serve --http-workers N ...`` runs exactly this configuration.  To run gunicorn
+yourself, give it the server's settings as JSON and this file::
+
+    BATCHSERVE_SETTINGS='{"host": "0.0.0.0", "port": 8000, "http_workers": 4}' \\
+        gunicorn -c deploy/gunicorn.conf.py
+
+What it sets (see ``batchserve/server/gunicorn_config.py`` for the reasons):
+
+==========================  ==============================================================
+``wsgi_app``                ``batchserve.server.app:create_preloaded_app()``
+``preload_app = True``      the master loads the models once; workers share them by fork
+``when_ready``/``pre_fork`` ``gc.collect()`` + ``gc.freeze()`` before forking
+``worker_class``            ``uvicorn_worker.UvicornWorker`` (uvloop, httptools)
+``timeout = 300``           long enough for a worker to start its models
+``max_requests``            10 000 with a jitter of 1 000: workers recycle one at a time
+``post_fork``               torch threads per worker = cores // workers
+==========================  ==============================================================
+
+Override any of them below, after the import.
+"""
+
+from batchserve.server.gunicorn_config import *  # noqa: F401,F403
+
+# Examples:
+# workers = 4
+# max_requests = 50_000

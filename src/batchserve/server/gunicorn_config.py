@@ -1,0 +1,52 @@
+"""gunicorn settings for several HTTP processes: ``batchserve serve --http-workers N``.
+
+The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes it).
+
+* ``preload_app``: the master builds the app *and loads the models* once
+  (:func:`~batchserve.server.app.create_preloaded_app`, CPU and one torch thread, so the
+  fork is safe); every HTTP worker forked from it shares those weights copy-on-write.
+* ``gc.freeze()`` before each fork keeps the master's objects out of the workers' garbage
+  collections, which would otherwise touch (and so copy) the shared pages.
+* ``timeout`` is long enough for a worker's own start-up (a process backend loads its
+  models then); ``max_requests`` with jitter recycles workers one at a time.
+* Each HTTP worker gets ``cores // N`` torch threads for the models it runs itself.
+
+``deploy/gunicorn.conf.py`` imports this module; copy and change it for your deployment.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from batchserve.devices import set_torch_threads, threads_per_worker
+from batchserve.server.settings import Settings
+
+_settings = Settings.from_env()
+
+wsgi_app = "batchserve.server.app:create_preloaded_app()"
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+workers = _settings.http_workers
+worker_class = "uvicorn_worker.UvicornWorker"
+preload_app = True
+timeout = 300  # seconds without a heartbeat before the master replaces a worker
+graceful_timeout = 20  # seconds a worker gets to finish its requests on shutdown
+keepalive = 5
+max_requests = 10_000  # recycle an HTTP worker after this many requests...
+max_requests_jitter = 1_000  # ...plus up to this many, so they do not all restart together
+loglevel = _settings.log_level
+accesslog = None
+control_socket_disable = True  # gunicorn 25+: no shared control socket in $HOME (several servers may run)
+
+
+def when_ready(server) -> None:
+    """In the master, after the models are loaded and before the first fork."""
+    gc.collect()
+    gc.freeze()
+
+
+def pre_fork(server, worker) -> None:
+    gc.freeze()  # objects the master made since (a replaced worker) stay out of collections too
+
+
+def post_fork(server, worker) -> None:
+    set_torch_threads(threads_per_worker(server.cfg.workers, _settings.threads_per_worker))
