@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: run test soak bench venv system-deps clean
+.PHONY: run test soak bench bench-compare venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ venv: $(STAMP)
 
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 run: venv
 	$(BIN)/batchserve serve --host 127.0.0.1 --port 8000
@@ -32,6 +33,11 @@ soak: venv system-deps
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
+
+# peers (LitServe, service-streamer) and matplotlib live in the bench extra, never in the runtime deps
+bench-compare: venv
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

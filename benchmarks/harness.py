@@ -1,0 +1,202 @@
+"""What the benchmark scripts share: servers on loopback, load from `batchserve bench`, the
+raw in-process ceiling, and rows in benchmarks/RESULTS.md with machine, date and command.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+PEERS = ROOT / "benchmarks" / "peers"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process on a free loopback port: ``command`` gets ``--port PORT`` appended.
+
+    Used as a context manager; it is ready once ``GET ready_path`` answers 200, and it is
+    stopped (terminate, then kill) on exit.
+    """
+
+    def __init__(self, name: str, command: list[str], ready_path: str = "/readyz", ready_timeout: float = 180.0):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [*command, "--port", str(self.port)]
+        self.ready_path = ready_path
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen | None = None
+        self.log = Path(tempfile.gettempdir()) / f"batchserve-bench-{name}.log"
+
+    def __enter__(self) -> "Server":
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not ready after {self.ready_timeout:g} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def drive(url: str, concurrency: int, duration: float, warmup: float = 2.0, path: str = "/v1/embeddings") -> dict:
+    """`batchserve bench` in its own process: a warm-up run, then the measured one (its JSON)."""
+    if warmup > 0:
+        _bench(url + path, concurrency, warmup)
+    return _bench(url + path, concurrency, duration)
+
+
+def _bench(url: str, concurrency: int, duration: float) -> dict:
+    command = [sys.executable, "-m", "batchserve.cli", "bench", url, "--app", "embeddings",
+               "--concurrency", str(concurrency), "--duration", str(duration), "--timeout", "60", "--json"]
+    finished = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=duration + 180)
+    if not finished.stdout.strip():
+        raise RuntimeError(f"batchserve bench gave no summary:\n{finished.stderr}")
+    return json.loads(finished.stdout)
+
+
+def raw_encode(duration: float, batch_size: int = 64, warmup: int = 2) -> dict:
+    """In-process ``encode`` on batches of ``batch_size`` bench sentences: the ceiling."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from batchserve.apps.embeddings import bundled_model_path
+    from batchserve.bench.bodies import sentences
+
+    encoder = SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
+    pool = sentences(256)  # the same texts, in the same order, as the HTTP load sends
+    batches = [pool[i : i + batch_size] for i in range(0, len(pool) - batch_size + 1, batch_size)]
+    for batch in batches[:warmup]:
+        encoder.encode(batch, batch_size=batch_size)
+    seconds, count, started = [], 0, time.perf_counter()
+    while time.perf_counter() - started < duration:
+        batch = batches[count % len(batches)]
+        began = time.perf_counter()
+        encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True)
+        seconds.append(time.perf_counter() - began)
+        count += 1
+    elapsed = time.perf_counter() - started
+    del encoder
+    return {
+        "sentences_per_s": count * batch_size / elapsed,
+        "batches": count,
+        "batch_ms_p50": 1000 * sorted(seconds)[len(seconds) // 2],
+    }
+
+
+def machine() -> str:
+    import torch
+
+    import batchserve
+
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_model()}), "
+        f"{_memory_gib():.0f} GiB RAM; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"batchserve {batchserve.__version__}"
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 0.0
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def append_results(section: str) -> None:
+    """Add a section to RESULTS.md (newest last), creating the file with its preamble."""
+    if not RESULTS.exists():
+        RESULTS.write_text(
+            "# Benchmark results\n\n"
+            "Rows are appended by `make bench` (benchmarks/bench_core.py) and `make bench-compare`\n"
+            "(benchmarks/compare.py). Each section says when, on what machine and with which\n"
+            "command it was measured; compare figures only within one section (one run).\n"
+        )
+    with open(RESULTS, "a") as results:
+        results.write("\n" + section.rstrip() + "\n")
+
+
+def latency(summary: dict, name: str) -> float | None:
+    return summary["latency_ms"].get(name)
+
+
+def mean_batch(summary: dict) -> float | None:
+    sizes = summary.get("batch_sizes") or {}
+    return next(iter(sizes.values()))["mean"] if sizes else None
+
+
+def errors(summary: dict) -> str:
+    return ", ".join(f"{status}×{count}" for status, count in summary["errors"].items()) or "0"
