@@ -39,7 +39,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from batchserve.backends.base import Backend
+from batchserve.backends.base import Backend, batch_deadline
 from batchserve.backends.thread import ThreadBackend
 from batchserve.errors import (
     DeadlineExceededError,
@@ -497,9 +497,15 @@ class Batcher:
         if not live:
             return
         inputs = [request.items[index] for request, index in live]
+        batch_deadline.set(max(request.timer.when() for request, _ in live))
         started = self._loop.time()
         try:
             outputs = _as_output_list(await self.backend.run(inputs), len(inputs))
+        except (NotReadyError, OverloadedError, DeadlineExceededError) as error:
+            # the backend refused or gave up on the whole batch: not the model's fault
+            self.stats.errors[error.kind] += 1
+            _fail_all(live, error)
+            return
         except WorkerDiedError as error:
             self.stats.errors["worker_died"] += 1
             if retried:

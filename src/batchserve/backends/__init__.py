@@ -1,4 +1,4 @@
-"""Where batches run: a thread (:mod:`.thread`), supervised worker processes (:mod:`.process`)."""
+"""Where batches run: a thread (:mod:`.thread`), supervised worker processes (:mod:`.process`), or remote workers through Redis (:mod:`.redis`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "ProcessBackend", "ThreadBackend", "create_backend"]
 
-KINDS = ("thread", "process")
+KINDS = ("thread", "process", "redis")
 
 
 def create_backend(spec: ModelSpec, settings: "Settings", name: str) -> Backend:
@@ -30,4 +30,18 @@ def create_backend(spec: ModelSpec, settings: "Settings", name: str) -> Backend:
             max_batches=settings.max_batches_per_worker,
             name=name,
         )
+    if settings.backend == "redis":
+        return _redis_backend(spec, settings, name)
     raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(KINDS)}")
+
+
+def _redis_backend(spec: ModelSpec, settings: "Settings", name: str) -> Backend:
+    """The front of remote workers (``batchserve worker``); ``spec`` runs there, not here."""
+    from batchserve.backends.redis import RedisBackend
+
+    if not settings.redis_url:
+        raise ValueError("--backend redis needs --redis-url")
+    return RedisBackend(
+        settings.redis_url, name, prefix=settings.redis_prefix,
+        max_inflight=settings.max_queue_size, default_timeout=settings.timeout,
+    )

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from typing import Callable
+
+#: While :meth:`Backend.run` runs: the latest deadline (event-loop time) among the requests
+#: in the batch, so a backend that sends batches elsewhere (redis) can send it along.
+batch_deadline: ContextVar[float | None] = ContextVar("batch_deadline", default=None)
 
 
 class Backend(ABC):

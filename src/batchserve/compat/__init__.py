@@ -10,11 +10,15 @@ The names keep service-streamer's signatures; see :mod:`batchserve.compat.stream
 where the behaviour is deliberately sounder (errors reach callers, nothing hangs).
 """
 
+from batchserve.compat.redis import RedisStreamer, RedisWorker, run_redis_workers_forever
 from batchserve.compat.streamer import ManagedModel, Streamer, StreamerFuture, ThreadedStreamer
 
 __all__ = [
     "ManagedModel",
+    "RedisStreamer",
+    "RedisWorker",
     "Streamer",
     "StreamerFuture",
     "ThreadedStreamer",
+    "run_redis_workers_forever",
 ]

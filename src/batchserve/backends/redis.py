@@ -1,0 +1,307 @@
+"""Redis backend, the front side: batches go to remote workers through a Redis Stream.
+
+One stream of requests per model and prefix; the workers (:mod:`batchserve.worker`) read
+it with a consumer group.  Each front (each :class:`RedisBackend`) has its own reply
+stream, which only it reads.  Keys, for prefix ``P`` and model name ``M``::
+
+    batchserve:P:M:requests            entries {id, reply, deadline, data}
+    batchserve:P:M:replies:<client>    entries {id, data} or {id, error}
+
+``deadline`` is Unix time in seconds (hosts are expected to keep their clocks in sync),
+``data`` and ``error`` are :mod:`batchserve.wire` payloads (msgpack, never pickle).
+
+While Redis is unreachable, :meth:`RedisBackend.run` fails at once with
+:class:`~batchserve.errors.NotReadyError` (HTTP 503), and batches waiting for a reply
+fail the same way; a background task reconnects and the front serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from batchserve import wire
+from batchserve.backends.base import Backend, batch_deadline
+from batchserve.errors import (
+    BatchserveError,
+    DeadlineExceededError,
+    InputError,
+    ModelError,
+    NotReadyError,
+    OverloadedError,
+    WorkerDiedError,
+)
+
+log = logging.getLogger("batchserve.redis")
+
+GROUP = "workers"
+#: errors that mean "Redis is unreachable right now"
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+#: a request stream longer than this is trimmed (oldest first) so Redis memory stays bounded
+MAX_STREAM_LENGTH = 100_000
+READ_BLOCK_MS = 500
+RECONNECT_DELAY = 0.25
+
+ERROR_KINDS: dict[str, type[BatchserveError]] = {
+    cls.kind: cls
+    for cls in (ModelError, DeadlineExceededError, NotReadyError, OverloadedError, WorkerDiedError, InputError)
+}
+
+
+# --------------------------------------------------------------------------- shared with workers
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """The Redis keys of one model under one prefix."""
+
+    prefix: str
+    name: str
+
+    @property
+    def base(self) -> str:
+        return f"batchserve:{self.prefix}:{self.name}"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.base}:requests"
+
+    def replies(self, client: str) -> str:
+        return f"{self.base}:replies:{client}"
+
+    def is_reply_key(self, key: str) -> bool:
+        return key.startswith(f"{self.base}:replies:") and len(key) > len(self.base) + 9
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS).
+
+    Commands fail fast (no retries, short timeouts) so an outage is seen at once; the
+    callers reconnect.
+    """
+    return aioredis.Redis.from_url(
+        _with_scheme(url),
+        socket_connect_timeout=1.0,
+        socket_timeout=READ_BLOCK_MS / 1000 + 2.0,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=10,
+    )
+
+
+def _with_scheme(url: str) -> str:
+    """Accept service-streamer's ``host:port`` too."""
+    return url if "://" in url else f"redis://{url}"
+
+
+async def ensure_group(client: aioredis.Redis, stream: str) -> None:
+    """Create the workers' consumer group (and the stream) unless it exists.
+
+    The group starts at ``0`` so entries added before any worker came up are served.
+    """
+    try:
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def encode_error(error: BaseException) -> bytes:
+    kind = error.kind if isinstance(error, BatchserveError) else ModelError.kind
+    message = error.message if isinstance(error, BatchserveError) else f"{type(error).__name__}: {error}"
+    return wire.dumps({"kind": kind, "message": message})
+
+
+def decode_error(payload: bytes) -> BatchserveError:
+    try:
+        fields = wire.loads(payload)
+        cls = ERROR_KINDS.get(fields["kind"], ModelError)
+        return cls(str(fields["message"]))
+    except (wire.WireError, KeyError, TypeError):
+        return ModelError("a worker sent an unreadable error")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and /readyz."""
+    scheme, sep, rest = _with_scheme(url).partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}"
+
+
+# --------------------------------------------------------------------------- front
+
+
+class RedisBackend(Backend):
+    """Sends each batch as one stream entry and awaits the reply on this front's stream.
+
+    ``capacity`` is how many batches may wait on remote workers at once (large: the
+    workers form their own batches from the stream, up to their ``max_batch_size``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        prefix: str = "",
+        max_inflight: int = 1024,
+        default_timeout: float = 30.0,
+    ):
+        self.url = url
+        self.keys = StreamKeys(prefix, name)
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = self.keys.replies(self.client_id)
+        self.max_inflight = max_inflight
+        self.default_timeout = default_timeout
+        self.connected = False
+        self.duplicate_replies = 0
+        self._redis: aioredis.Redis | None = None
+        self._ids = itertools.count()
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+        self._last_reply_id = "0"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect (retrying until Redis answers), then start reading replies."""
+        self._redis = connect(self.url)
+        while not await self._reconnect():
+            await asyncio.sleep(RECONNECT_DELAY)
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies_forever())
+        self._capacity_changed()
+
+    @property
+    def capacity(self) -> int:
+        return self.max_inflight if self._reader is not None else 0
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        self._fail_waiting(NotReadyError("the front is shutting down"))
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    def describe(self) -> dict:
+        return {
+            "backend": "redis",
+            "redis": redact(self.url),
+            "connected": self.connected,
+            "stream": self.keys.requests,
+            "waiting": len(self._waiting),
+            "duplicate_replies": self.duplicate_replies,
+        }
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self, batch: list) -> list:
+        if not self.connected or self._redis is None:
+            raise NotReadyError("Redis is unreachable; retry shortly")
+        loop = asyncio.get_running_loop()
+        deadline = batch_deadline.get() or loop.time() + self.default_timeout
+        request_id = str(next(self._ids))
+        reply = loop.create_future()
+        self._waiting[request_id] = reply
+        try:
+            await self._send(request_id, batch, time.time() + deadline - loop.time())
+            # a little past the deadline: a worker's deadline error is the clearer answer
+            return await asyncio.wait_for(reply, max(deadline - loop.time(), 0) + 1.0)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError("no worker answered before the deadline") from None
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _send(self, request_id: str, batch: list, unix_deadline: float) -> None:
+        entry = {
+            "id": request_id,
+            "reply": self.reply_key,
+            "deadline": repr(unix_deadline),
+            "data": wire.dumps(batch),
+        }
+        try:
+            await self._redis.xadd(self.keys.requests, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
+        except UNREACHABLE as error:
+            self._lost(error)
+            raise NotReadyError("Redis is unreachable; retry shortly") from None
+
+    # ---------------------------------------------------------------- replies
+
+    async def _read_replies_forever(self) -> None:
+        while True:
+            if not self.connected:
+                try:
+                    reconnected = await self._reconnect()
+                except AuthenticationError as error:
+                    log.error("Redis refused our credentials: %s", error)
+                    reconnected = False
+                if not reconnected:
+                    await asyncio.sleep(RECONNECT_DELAY)
+                continue
+            try:
+                answer = await self._redis.xread({self.reply_key: self._last_reply_id}, block=READ_BLOCK_MS)
+            except UNREACHABLE as error:
+                self._lost(error)
+                continue
+            for _, entries in answer:
+                for entry_id, fields in entries:
+                    self._last_reply_id = entry_id
+                    self._deliver(fields)
+
+    def _deliver(self, fields: dict) -> None:
+        request_id = fields.get(b"id", b"").decode(errors="replace")
+        future = self._waiting.get(request_id)
+        if future is None or future.done():
+            self.duplicate_replies += 1  # late (after the deadline) or answered twice
+            return
+        if b"error" in fields:
+            future.set_exception(decode_error(fields[b"error"]))
+            return
+        try:
+            outputs = wire.loads(fields.get(b"data", b""))
+        except wire.WireError as error:
+            future.set_exception(ModelError(f"a worker sent an unreadable reply: {error}"))
+            return
+        future.set_result(outputs)
+
+    async def _reconnect(self) -> bool:
+        """One attempt to reach Redis and set up the stream; True when it worked."""
+        try:
+            await self._redis.ping()
+            await ensure_group(self._redis, self.keys.requests)
+        except AuthenticationError:
+            raise  # a wrong password does not fix itself: fail loudly
+        except UNREACHABLE:
+            return False
+        if not self.connected:
+            log.info("connected to %s", redact(self.url))
+        self.connected = True
+        return True
+
+    def _lost(self, error: BaseException) -> None:
+        """Redis went away: fail fast from now on, and fail whoever waits on a reply.
+
+        A reply written before the outage may never arrive (Redis may have restarted
+        empty), so waiting for it would only turn a quick 503 into a slow 504.
+        """
+        if self.connected:
+            log.warning("lost Redis at %s: %s", redact(self.url), error)
+        self.connected = False
+        self._fail_waiting(NotReadyError("lost the connection to Redis; retry shortly"))
+
+    def _fail_waiting(self, error: BatchserveError) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)

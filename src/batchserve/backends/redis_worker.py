@@ -1,0 +1,464 @@
+"""Redis backend, the worker side: serves request streams with local batchers (``batchserve worker``).
+
+For each model a :class:`StreamWorker` reads entries with the consumer group while its
+local :class:`~batchserve.batching.Batcher` has a free slot, so the batcher forms batches of
+up to ``max_batch_size`` items from whatever waits on the stream (with its usual
+idle-aware wait, at most ``max_latency``), and a busy worker leaves entries to the others.
+
+An entry's life (see :mod:`batchserve.backends.redis` for the keys and fields):
+
+1. read (``XREADGROUP``), or reclaimed (``XAUTOCLAIM``) from a consumer idle longer than
+   the visibility timeout: a worker that died.  A worker refreshes the entries it holds
+   (``XCLAIM`` JUSTID) every third of the timeout, so a long batch is never stolen.
+2. decoded (:mod:`batchserve.wire`, never pickle).  A malformed entry is answered with an
+   error when it names a reply stream of this model, and acked either way.
+3. computed by the batcher; an entry past its deadline is not computed but answered with
+   a deadline error.  An entry reclaimed from dead workers twice is answered with a
+   worker-died error instead of killing a third worker.
+4. answered on the front's reply stream, then acked and deleted (``XACK``, ``XDEL``) in
+   one pipeline, so the request stream holds only unfinished work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from batchserve import wire
+from batchserve.backends.redis import (
+    GROUP,
+    READ_BLOCK_MS,
+    RECONNECT_DELAY,
+    UNREACHABLE,
+    StreamKeys,
+    connect,
+    encode_error,
+    ensure_group,
+    redact,
+)
+from batchserve.batching import Batcher
+from batchserve.errors import DeadlineExceededError, InputError, WorkerDiedError
+
+if TYPE_CHECKING:
+    from batchserve.server.settings import Settings
+
+log = logging.getLogger("batchserve.worker")
+
+#: an entry delivered this many times was reclaimed from two dead workers: fail it
+MAX_DELIVERIES = 3
+#: a reply stream outlives its last reply by this long (a front that died leaves nothing)
+REPLY_TTL_SECONDS = 300
+REPLY_STREAM_LENGTH = 10_000
+#: a consumer with nothing pending and idle this many visibility timeouts is removed
+STALE_CONSUMER_TIMEOUTS = 10
+
+
+class BadEntry(ValueError):
+    """An entry that is not a valid request; ``reply_key`` is None when nobody can be told."""
+
+    def __init__(self, message: str, reply_key: str | None, request_id: str):
+        super().__init__(message)
+        self.reply_key = reply_key
+        self.request_id = request_id
+
+
+@dataclass
+class Entry:
+    entry_id: bytes
+    request_id: str
+    reply_key: str
+    deadline: float  # Unix time
+    items: list
+
+
+@dataclass
+class Reply:
+    entry_id: bytes
+    reply_key: str | None  # None: nobody to answer, just ack
+    fields: dict
+    deadline: float
+
+
+def parse_entry(entry_id: bytes, fields: dict, keys: StreamKeys) -> Entry:
+    """Check and decode one request entry; raise :class:`BadEntry` saying what is wrong."""
+    reply_key = fields.get(b"reply", b"").decode(errors="replace")
+    request_id = fields.get(b"id", b"").decode(errors="replace")
+    answerable = reply_key if keys.is_reply_key(reply_key) and request_id else None
+
+    def bad(message: str) -> BadEntry:
+        return BadEntry(message, answerable, request_id)
+
+    if answerable is None:
+        raise bad(f"entry has no id or no valid reply stream (reply={reply_key!r})")
+    try:
+        deadline = float(fields[b"deadline"])
+        items = wire.loads(fields[b"data"])
+    except KeyError as missing:
+        raise bad(f"entry has no {missing.args[0].decode()!r} field") from None
+    except (ValueError, wire.WireError) as error:
+        raise bad(f"entry is malformed: {error}") from None
+    if not isinstance(items, list) or not items:
+        raise bad("entry data must be a non-empty list of items")
+    return Entry(entry_id, request_id, reply_key, deadline, items)
+
+
+class StreamWorker:
+    """Serves one model's request stream with one local batcher."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: StreamKeys,
+        batcher: Batcher,
+        consumer: str,
+        visibility_timeout: float = 10.0,
+    ):
+        self.redis = client
+        self.keys = keys
+        self.batcher = batcher
+        self.consumer = consumer
+        self.visibility_timeout = visibility_timeout
+        self._held: dict[bytes, asyncio.Task] = {}
+        self._outbox: list[Reply] = []
+        self._outbox_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._claim_cursor = "0-0"
+        self._tasks: list[asyncio.Task] = []
+        self._connected = True
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read_forever(), name=f"read {self.keys.name}"),
+            loop.create_task(self._write_replies_forever(), name=f"write {self.keys.name}"),
+            loop.create_task(self._upkeep_forever(), name=f"upkeep {self.keys.name}"),
+        ]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop reading; finish and answer what this worker holds (up to ``grace`` s)."""
+        reader, *others = self._tasks
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        if self._held:
+            await asyncio.wait(list(self._held.values()), timeout=grace)
+        flush_until = time.monotonic() + min(grace, 5.0)
+        while self._outbox and time.monotonic() < flush_until:
+            await asyncio.sleep(0.05)
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    # ---------------------------------------------------------------- reading
+
+    def _free_items(self) -> int:
+        """How many more entries to read now: none while every slot is busy."""
+        if self.batcher.inflight >= self.batcher.backend.capacity:
+            return 0
+        return max(self.batcher.max_batch_size - self.batcher.queue_depth, 0)
+
+    async def _read_forever(self) -> None:
+        while True:
+            count = self._free_items()
+            if count == 0:
+                self._room.clear()
+                await _wait(self._room, 0.1)
+                continue
+            try:
+                answer = await self.redis.xreadgroup(
+                    GROUP, self.consumer, {self.keys.requests: ">"}, count=count, block=READ_BLOCK_MS
+                )
+            except UNREACHABLE as error:
+                await self._redis_lost(error)
+                continue
+            except ResponseError as error:
+                await self._group_lost(error)
+                continue
+            self._redis_back()
+            for _, entries in answer or []:
+                for entry_id, fields in entries:
+                    self._accept(entry_id, fields)
+
+    def _accept(self, entry_id: bytes, fields: dict) -> None:
+        try:
+            entry = parse_entry(entry_id, fields, self.keys)
+        except BadEntry as error:
+            log.warning("bad entry %s on %s: %s", entry_id.decode(), self.keys.requests, error)
+            invalid = InputError(f"bad request entry: {error}")
+            self._answer_error(entry_id, error.reply_key, error.request_id, invalid, time.time() + 60)
+            return
+        if entry_id in self._held:
+            return  # reclaimed while we still hold it
+        task = asyncio.get_running_loop().create_task(self._serve(entry))
+        self._held[entry_id] = task
+        task.add_done_callback(lambda _: self._release(entry_id))
+
+    def _release(self, entry_id: bytes) -> None:
+        self._held.pop(entry_id, None)
+        self._room.set()
+
+    # ---------------------------------------------------------------- computing
+
+    async def _serve(self, entry: Entry) -> None:
+        remaining = entry.deadline - time.time()
+        try:
+            if remaining <= 0:
+                raise DeadlineExceededError("deadline passed before a worker took the request")
+            outputs = await self.batcher.submit(entry.items, timeout=remaining)
+            fields = {"id": entry.request_id, "data": wire.dumps(outputs)}
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            fields = {"id": entry.request_id, "error": encode_error(error)}
+        self._post(Reply(entry.entry_id, entry.reply_key, fields, entry.deadline))
+
+    def _answer_error(
+        self, entry_id: bytes, reply_key: str | None, request_id: str, error: Exception, deadline: float
+    ) -> None:
+        fields = {"id": request_id, "error": encode_error(error)}
+        self._post(Reply(entry_id, reply_key, fields, deadline))
+
+    # ---------------------------------------------------------------- replying
+
+    def _post(self, reply: Reply) -> None:
+        self._outbox.append(reply)
+        self._outbox_ready.set()
+
+    async def _write_replies_forever(self) -> None:
+        """Write every ready reply, ack and delete their entries: one round trip per batch."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                replies, self._outbox = self._outbox, []
+                try:
+                    await self._write(replies)
+                except UNREACHABLE as error:
+                    now = time.time()
+                    self._outbox = [reply for reply in replies if reply.deadline > now] + self._outbox
+                    await self._redis_lost(error)
+
+    async def _write(self, replies: list[Reply]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for reply in replies:
+                if reply.reply_key is not None:
+                    pipe.xadd(reply.reply_key, reply.fields, maxlen=REPLY_STREAM_LENGTH, approximate=True)
+                    pipe.expire(reply.reply_key, REPLY_TTL_SECONDS)
+            entry_ids = [reply.entry_id for reply in replies]
+            pipe.xack(self.keys.requests, GROUP, *entry_ids)
+            pipe.xdel(self.keys.requests, *entry_ids)
+            await pipe.execute()
+
+    # ---------------------------------------------------------------- upkeep
+
+    async def _upkeep_forever(self) -> None:
+        """Every third of the visibility timeout: keep our entries, take dead workers' ones."""
+        period = self.visibility_timeout / 3
+        ticks = 0
+        while True:
+            try:
+                await self._publish_stats()
+                await self._refresh_held()
+                if self._free_items() > 0:
+                    await self._reclaim()
+                if ticks % 30 == 29:
+                    await self._forget_stale_consumers()
+            except UNREACHABLE as error:
+                await self._redis_lost(error)
+            except ResponseError as error:
+                await self._group_lost(error)
+            ticks += 1
+            await asyncio.sleep(period)
+
+    async def _refresh_held(self) -> None:
+        held = list(self._held)
+        if held:
+            await self.redis.xclaim(self.keys.requests, GROUP, self.consumer, 0, held, justid=True)
+
+    async def _reclaim(self) -> None:
+        """Take entries left pending by a consumer idle past the visibility timeout."""
+        next_cursor, claimed, _deleted = await self.redis.xautoclaim(
+            self.keys.requests,
+            GROUP,
+            self.consumer,
+            min_idle_time=int(self.visibility_timeout * 1000),
+            start_id=self._claim_cursor,
+            count=self.batcher.max_batch_size,
+        )
+        self._claim_cursor = next_cursor
+        if not claimed:
+            return
+        deliveries = await self._deliveries([entry_id for entry_id, _ in claimed])
+        log.warning("reclaimed %d entries from a worker idle over %gs", len(claimed), self.visibility_timeout)
+        for entry_id, fields in claimed:
+            if deliveries.get(entry_id, 0) >= MAX_DELIVERIES:
+                error = WorkerDiedError("workers died twice while running this request")
+                reply_key = fields.get(b"reply", b"").decode(errors="replace")
+                request_id = fields.get(b"id", b"").decode(errors="replace")
+                valid = reply_key if self.keys.is_reply_key(reply_key) else None
+                self._answer_error(entry_id, valid, request_id, error, time.time() + 60)
+            elif fields:
+                self._accept(entry_id, fields)
+
+    async def _deliveries(self, entry_ids: list[bytes]) -> dict[bytes, int]:
+        pending = await self.redis.xpending_range(
+            self.keys.requests, GROUP, min=min(entry_ids), max=max(entry_ids),
+            count=len(entry_ids) + 100, consumername=self.consumer,
+        )
+        return {row["message_id"]: row["times_delivered"] for row in pending}
+
+    async def _forget_stale_consumers(self) -> None:
+        """Remove consumers of dead workers once they hold nothing."""
+        stale_ms = STALE_CONSUMER_TIMEOUTS * self.visibility_timeout * 1000
+        for consumer in await self.redis.xinfo_consumers(self.keys.requests, GROUP):
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > stale_ms:
+                await self.redis.xgroup_delconsumer(self.keys.requests, GROUP, name)
+
+    async def _publish_stats(self) -> None:
+        """This worker's counters, for operators (and tests): ``HGETALL <base>:workers:<consumer>``."""
+        stats = self.batcher.stats
+        key = f"{self.keys.base}:workers:{self.consumer}"
+        fields = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "batches": stats.batches,
+            "items": stats.items,
+            "batch_sizes": orjson.dumps({str(k): v for k, v in stats.batch_sizes.items()}),
+            "updated": time.time(),
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, max(int(self.visibility_timeout * STALE_CONSUMER_TIMEOUTS), 60))
+            await pipe.execute()
+
+    # ---------------------------------------------------------------- outages
+
+    async def _redis_lost(self, error: BaseException) -> None:
+        if self._connected:
+            log.warning("lost Redis on %s: %s; reconnecting", self.keys.requests, error)
+        self._connected = False
+        await asyncio.sleep(RECONNECT_DELAY)
+
+    def _redis_back(self) -> None:
+        if not self._connected:
+            log.warning("Redis is back on %s", self.keys.requests)
+        self._connected = True
+
+    async def _group_lost(self, error: ResponseError) -> None:
+        """Redis restarted empty (no group): create the group again."""
+        if "NOGROUP" not in str(error):
+            raise error
+        try:
+            await ensure_group(self.redis, self.keys.requests)
+        except UNREACHABLE as unreachable:
+            await self._redis_lost(unreachable)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+
+
+# --------------------------------------------------------------------------- process
+
+
+def consumer_name() -> str:
+    """Unique per worker process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def serve_batchers(
+    batchers: dict[str, Batcher],
+    url: str,
+    prefix: str = "",
+    visibility_timeout: float = 10.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Load the models, then serve their streams until ``stop`` is set (or SIGTERM/SIGINT)."""
+    stop = stop or _stop_on_signals()
+    client = connect(url)
+    await _wait_for_redis(client, url, stop)  # first: a wrong password fails before loading
+    await asyncio.gather(*(batcher.start() for batcher in batchers.values()))
+    consumer = consumer_name()
+    workers = [
+        StreamWorker(client, StreamKeys(prefix, name), batcher, consumer, visibility_timeout)
+        for name, batcher in batchers.items()
+    ]
+    for worker in workers:
+        await _ensure_group_when_reachable(client, worker.keys.requests, stop)
+        worker.start()
+        log.warning("serving %s from %s as %s", worker.keys.requests, redact(url), consumer)
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(worker.stop() for worker in workers))
+        await asyncio.gather(*(batcher.close() for batcher in batchers.values()))
+        await client.aclose()
+
+
+async def _wait_for_redis(client: aioredis.Redis, url: str, stop: asyncio.Event) -> None:
+    warned = False
+    while not stop.is_set():
+        try:
+            await client.ping()
+            return
+        except AuthenticationError as error:
+            raise ValueError(f"Redis at {redact(url)} refused the credentials: {error}") from None
+        except UNREACHABLE as error:
+            if not warned:
+                log.warning("waiting for Redis at %s: %s", redact(url), error)
+                warned = True
+            await asyncio.sleep(RECONNECT_DELAY)
+
+
+async def _ensure_group_when_reachable(client: aioredis.Redis, stream: str, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await ensure_group(client, stream)
+            return
+        except UNREACHABLE:
+            await asyncio.sleep(RECONNECT_DELAY)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (ValueError, RuntimeError):  # not the main thread: the caller stops us
+            break
+    return stop
+
+
+def run_worker(settings: "Settings", url: str, prefix: str = "", visibility_timeout: float = 10.0) -> None:
+    """``batchserve worker``: serve the models of ``settings.apps`` / ``settings.models``.
+
+    The apps are built as for ``serve`` (same model names, so the same streams), but only
+    their batchers are used: no HTTP here.  Blocks until SIGTERM or SIGINT.
+    """
+    from batchserve.apps import build_services
+    from batchserve.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    services = build_services(settings)
+    batchers = {name: batcher for service in services for name, batcher in service.batchers.items()}
+    if not batchers:
+        raise ValueError("these apps have no batched model to serve through Redis")
+    asyncio.run(serve_batchers(batchers, url, prefix, visibility_timeout))

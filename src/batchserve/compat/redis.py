@@ -1,0 +1,128 @@
+"""ShannonAI service-streamer's Redis names on top of the redis backend.
+
+``RedisStreamer`` is a front (:class:`~batchserve.backends.redis.RedisBackend`);
+``RedisWorker(...).run_forever()`` and ``run_redis_workers_forever(...)`` serve it (as
+``batchserve worker`` does).  They talk through the streams of the model named ``model``
+under ``prefix``, so ``batchserve worker --model model=module:attr --prefix P`` serves a
+``RedisStreamer(prefix=P)`` too.
+
+Where service-streamer's behaviour was unsound, ours differs: entries are msgpack (never
+pickle); a request whose worker died is taken over by another worker; a model error
+reaches the caller; ``run_redis_workers_forever`` supervises its ``worker_num`` processes
+(restarted when they die) and feeds them from one consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from typing import Any, Callable, Iterable
+
+from batchserve.backends.process import ProcessBackend
+from batchserve.backends.redis import RedisBackend
+from batchserve.backends.redis_worker import serve_batchers
+from batchserve.backends.thread import ThreadBackend
+from batchserve.batching import Batcher
+from batchserve.compat.streamer import MAX_QUEUED_ITEMS, ManagedModel, ManagedModelLoader, _Streamer
+from batchserve.model import ModelSpec
+
+#: the model name in the stream keys: ``batchserve:<prefix>:model:requests``
+MODEL_NAME = "model"
+#: the front merges nothing itself (the workers batch); this only bounds one entry
+FRONT_BATCH_SIZE = 64
+
+
+class RedisStreamer(_Streamer):
+    """service-streamer's ``RedisStreamer``: ``predict`` / ``submit`` run on Redis workers.
+
+    ``redis_broker`` is ``"host:port"`` as in service-streamer, or a Redis URL
+    (``redis://[:password@]host:port/db``, ``rediss://`` for TLS).
+    """
+
+    def __init__(self, redis_broker: str = "localhost:6379", prefix: str = "", *, worker_timeout: float = 20):
+        backend = RedisBackend(redis_broker, MODEL_NAME, prefix=prefix, default_timeout=worker_timeout)
+        batcher = Batcher(
+            backend,
+            max_batch_size=FRONT_BATCH_SIZE,
+            max_latency=0.0,
+            max_queue_size=MAX_QUEUED_ITEMS,
+            timeout=worker_timeout,
+            name=MODEL_NAME,
+        )
+        super().__init__(batcher, worker_timeout, wait_for_worker_ready=False)
+
+
+class RedisWorker:
+    """service-streamer's ``RedisWorker``: one model instance serving a ``RedisStreamer``.
+
+    ``model_class`` is a :class:`ManagedModel` subclass (built as ``model_class(gpu_id)``
+    then ``init_model(*model_init_args, **model_init_kwargs)``), or any batchserve model: a
+    class with ``load()`` / ``predict()`` (built with the init args) or a function.
+    """
+
+    def __init__(
+        self,
+        model_class: type | Callable[[list], list],
+        batch_size: int,
+        max_latency: float = 0.1,
+        redis_broker: str = "localhost:6379",
+        prefix: str = "",
+        model_init_args: Iterable | None = None,
+        model_init_kwargs: dict | None = None,
+    ):
+        self.spec = _model_spec(model_class, model_init_args, model_init_kwargs)
+        self.batch_size = batch_size
+        self.max_latency = max_latency
+        self.redis_broker = redis_broker
+        self.prefix = prefix
+
+    def run_forever(self, gpu_id: int | None = None) -> None:
+        """Load the model (on GPU ``gpu_id`` if given) and serve until SIGTERM / SIGINT."""
+        if gpu_id is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
+        batcher = _worker_batcher(ThreadBackend(self.spec), self.batch_size, self.max_latency)
+        asyncio.run(serve_batchers({MODEL_NAME: batcher}, self.redis_broker, self.prefix))
+
+
+def run_redis_workers_forever(
+    model_class: type | Callable[[list], list],
+    batch_size: int,
+    max_latency: float = 0.1,
+    worker_num: int = 1,
+    cuda_devices: Iterable[int] | None = None,
+    redis_broker: str = "localhost:6379",
+    prefix: str = "",
+    mp_start_method: str = "spawn",
+    model_init_args: Iterable | None = None,
+    model_init_kwargs: dict | None = None,
+) -> None:
+    """Serve a ``RedisStreamer`` with ``worker_num`` supervised model processes (blocks).
+
+    Worker ``i`` runs on GPU ``cuda_devices[i % len(cuda_devices)]`` when given, else on
+    the CPU.  ``model_class`` must be importable by name (spawned processes import it).
+    """
+    spec = _model_spec(model_class, model_init_args, model_init_kwargs)
+    devices = [int(gpu) for gpu in cuda_devices] if cuda_devices is not None else "cpu"
+    backend = ProcessBackend(
+        spec, workers=worker_num, devices=devices, start_method=mp_start_method, name=MODEL_NAME
+    )
+    batcher = _worker_batcher(backend, batch_size, max_latency)
+    asyncio.run(serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix))
+
+
+def _model_spec(model_class: Any, init_args: Iterable | None, init_kwargs: dict | None) -> ModelSpec:
+    if inspect.isclass(model_class) and issubclass(model_class, ManagedModel):
+        return ModelSpec(ManagedModelLoader, (model_class, tuple(init_args or ()), dict(init_kwargs or {})))
+    return ModelSpec(model_class, tuple(init_args or ()), dict(init_kwargs or {}))
+
+
+def _worker_batcher(backend, batch_size: int, max_latency: float) -> Batcher:
+    return Batcher(
+        backend,
+        max_batch_size=batch_size,
+        max_latency=max_latency,
+        max_queue_size=MAX_QUEUED_ITEMS,
+        timeout=3600.0,  # each entry brings its own deadline
+        name=MODEL_NAME,
+    )

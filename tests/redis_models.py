@@ -1,0 +1,35 @@
+"""Small models served by `batchserve worker` processes in the redis tests."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from batchserve.compat import ManagedModel
+
+
+def slow_double(batch: list) -> list:
+    """Doubles numbers in 50 ms a batch: slow enough to kill a worker in the middle."""
+    time.sleep(0.05)
+    return [x * 2 for x in batch]
+
+
+def negate(batch: list) -> list:
+    return [-x for x in batch]
+
+
+def vectors(batch: list) -> list:
+    """Numpy outputs (arrays and scalars) to cross the wire."""
+    return [(np.full(3, x, dtype=np.float32), np.int64(x)) for x in batch]
+
+
+class Scaler(ManagedModel):
+    """A service-streamer style model: `init_model(factor)` then `predict`."""
+
+    def init_model(self, factor: int = 1) -> None:
+        self.factor = factor
+
+    def predict(self, batch: list) -> list:
+        time.sleep(0.01)
+        return [x * self.factor for x in batch]

@@ -1,0 +1,214 @@
+"""Redis backend end to end: a real redis-server, `batchserve worker` processes, an HTTP front.
+
+Worker death under load, a Redis outage, a password-protected Redis, and hostile entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+
+import httpx
+import pytest
+
+from batchserve import wire
+from tests.redis_fixtures import (  # noqa: F401 - fixtures
+    RedisServer,
+    WorkerProcess,
+    needs_redis,
+    redis_server,
+    start_worker,
+    wait_for_workers,
+)
+
+pytestmark = needs_redis
+
+
+def front_args(url: str, model: str, *extra: str) -> tuple[str, ...]:
+    return ("--backend", "redis", "--redis-url", url, "--model", model, *extra)
+
+
+# --------------------------------------------------------------------------- worker death
+
+
+async def load(url: str, count: int, concurrency: int, when_answered: dict) -> list[tuple[int, int, object]]:
+    """POST `count` requests, `concurrency` at a time; call when_answered[n]() after n answers."""
+    results: list[tuple[int, int, object]] = []
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(index: int) -> None:
+            async with gate:
+                response = await client.post(url, json={"inputs": [index]})
+            results.append((index, response.status_code, response.json()))
+            action = when_answered.get(len(results))
+            if action is not None:
+                action()
+
+        await asyncio.gather(*(one(index) for index in range(count)))
+    return results
+
+
+def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
+    redis_server, start_worker, start_server
+):
+    url = redis_server.url()
+    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "2")
+    victim = start_worker(*worker_args)
+    survivor = start_worker(*worker_args)
+    wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)
+    front = start_server(*front_args(url, "tests.redis_models:slow_double"))
+
+    started = time.monotonic()
+    results = asyncio.run(
+        load(f"{front.url}/models/slow_double/predict", 300, concurrency=30, when_answered={60: victim.kill})
+    )
+    elapsed = time.monotonic() - started
+
+    assert victim.process.returncode is not None, "the victim was killed during the load"
+    assert sorted(index for index, _, _ in results) == list(range(300)), "each request answered once"
+    failures = [(index, status, body) for index, status, body in results if status != 200]
+    assert not failures, failures[:5]
+    assert all(body == {"outputs": [index * 2]} for index, _, body in results)
+    assert elapsed < 60
+    client = redis_server.client()
+    stream = "batchserve::slow_double:requests"
+    assert client.xpending(stream, "workers")["pending"] == 0, "every entry acked"
+    assert client.xlen(stream) == 0, "answered entries are deleted"
+    assert "reclaimed" in survivor.stop(), "the survivor took over the victim's entries"
+
+
+# --------------------------------------------------------------------------- outage
+
+
+def test_redis_outage_gives_quick_503s_then_service_resumes(redis_server, start_worker, start_server):
+    url = redis_server.url()
+    start_worker("--redis-url", url, "--model", "tests.fakes:double", "--visibility-timeout", "2")
+    wait_for_workers(redis_server.client(), "double", 1, timeout=60)
+    front = start_server(*front_args(url, "tests.fakes:double", "--timeout", "10"))
+    log: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    stopping = threading.Event()
+
+    def client_loop() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stopping.is_set():
+                sent = time.monotonic()
+                try:
+                    status = client.post(f"{front.url}/models/double/predict", json={"inputs": [1]}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                log.append((sent, time.monotonic(), status))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        down = time.monotonic()
+        redis_server.stop()
+        time.sleep(3.0)
+        up = time.monotonic()
+        redis_server.start()
+        time.sleep(7.0)
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join()
+
+    before = [status for sent, _, status in log if sent < down - 0.1]
+    assert before and set(before) == {200}
+    while_down = [(answered - sent, status) for sent, answered, status in log if down + 0.1 < sent and answered < up]
+    assert len(while_down) > 10, "the front kept answering while Redis was down"
+    assert {status for _, status in while_down} == {503}
+    assert max(seconds for seconds, _ in while_down) < 2.0, "503s come quickly, not after a timeout"
+    assert all(answered - sent < 5.0 for sent, answered, _ in log), "nothing hangs"
+    back = [answered for sent, answered, status in log if sent > up and status == 200]
+    assert back and back[0] - up < 5.0, "requests succeed again within 5 s after Redis is back"
+    late = [status for sent, _, status in log if sent > up + 5.0]
+    assert late and set(late) == {200}
+
+
+# --------------------------------------------------------------------------- password, hostile entries
+
+
+@pytest.fixture
+def password_redis():
+    server = RedisServer(password="s3cret")
+    yield server
+    server.stop()
+
+
+class Exploit:
+    """Unpickling this would create a file: proof that something ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def read_replies(client, key: str, count: int, timeout: float = 15.0) -> dict[str, dict]:
+    replies: dict[str, dict] = {}
+    last = "0"
+    deadline = time.monotonic() + timeout
+    while len(replies) < count and time.monotonic() < deadline:
+        for _, entries in client.xread({key: last}, block=500) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                replies[fields[b"id"].decode()] = fields
+    return replies
+
+
+def test_password_url_and_hostile_entries(password_redis, start_worker, start_server, tmp_path):
+    url = password_redis.url(db=3)
+    worker = start_worker("--redis-url", url, "--model", "tests.fakes:double", "--prefix", "secure")
+    client = password_redis.client(db=3)
+    wait_for_workers(client, "double", 1, prefix="secure", timeout=60)
+    front = start_server(*front_args(url, "tests.fakes:double", "--prefix", "secure"))
+    answer = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [1, 2]}, timeout=30)
+    assert answer.json() == {"outputs": [2, 4]}
+
+    stream = "batchserve:secure:double:requests"
+    reply_key = "batchserve:secure:double:replies:intruder"
+    marker = tmp_path / "unpickled"
+    deadline = repr(time.time() + 30)
+    client.xadd(stream, {"id": "pickle", "reply": reply_key, "deadline": deadline,
+                         "data": pickle.dumps(Exploit(str(marker)))})
+    client.xadd(stream, {"id": "no-data", "reply": reply_key, "deadline": deadline})
+    client.xadd(stream, {"id": "not-a-list", "reply": reply_key, "deadline": deadline, "data": wire.dumps(5)})
+    client.xadd(stream, {"id": "elsewhere", "reply": "victim:key", "deadline": deadline, "data": wire.dumps([1])})
+    client.xadd(stream, {"id": "late", "reply": reply_key, "deadline": repr(time.time() - 1), "data": wire.dumps([1])})
+    client.xadd(stream, {"id": "fine", "reply": reply_key, "deadline": deadline, "data": wire.dumps([21])})
+
+    replies = read_replies(client, reply_key, 5)
+    assert set(replies) == {"pickle", "no-data", "not-a-list", "late", "fine"}
+    errors = {name: wire.loads(fields[b"error"]) for name, fields in replies.items() if b"error" in fields}
+    assert {name: error["kind"] for name, error in errors.items()} == {
+        "pickle": "invalid_request", "no-data": "invalid_request", "not-a-list": "invalid_request", "late": "deadline",
+    }
+    assert "malformed" in errors["pickle"]["message"]
+    assert wire.loads(replies["fine"][b"data"]) == [42]
+    assert not marker.exists(), "the pickle payload was never unpickled"
+    assert not client.exists("victim:key"), "replies go only to this model's reply streams"
+    for _ in range(50):
+        if client.xpending(stream, "workers")["pending"] == 0:
+            break
+        time.sleep(0.1)
+    assert client.xpending(stream, "workers")["pending"] == 0, "bad entries are acked too"
+    again = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [5]}, timeout=30)
+    assert again.json() == {"outputs": [10]}, "the worker keeps going"
+    assert worker.process.poll() is None
+
+
+def test_wrong_password_stops_the_worker_with_a_clear_error(password_redis):
+    worker = WorkerProcess("--redis-url", f"redis://:wrong@127.0.0.1:{password_redis.port}/0", "--model", "tests.fakes:double")
+    try:
+        worker.process.wait(timeout=60)
+    finally:
+        output = worker.stop()
+    assert worker.process.returncode != 0
+    assert "password" in output.lower()
