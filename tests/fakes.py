@@ -85,3 +85,9 @@ class SlowLoader:
 def echo(batch: list) -> list:
     """Returns every input unchanged: any JSON value is a valid input."""
     return list(batch)
+
+
+def fixed_cost(batch: list) -> list:
+    """100 ms per batch whatever its size: capacity is max_batch_size / 0.1 requests per second."""
+    time.sleep(0.1)
+    return list(batch)
