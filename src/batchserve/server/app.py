@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
+from batchserve.server import dashboard
 from batchserve.server.errors import install_error_handlers
 from batchserve.server.limits import BodyLimitMiddleware
 from batchserve.server.metrics import Metrics, RequestMetricsMiddleware
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
         metrics = Metrics(lambda: [b for s in services for b in s.batchers.values()])
         app.state.errors_total = metrics.errors_total
         _add_metrics_route(app, metrics)
+        app.include_router(dashboard.build_router(metrics, lambda: [b for s in services for b in s.batchers.values()]))
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
