@@ -28,6 +28,7 @@ import enum
 import gc
 import logging
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -235,6 +236,10 @@ class ProcessBackend(Backend):
         self._slots[slot] = worker
         self._loop.add_reader(front_end.fileno(), self._on_message, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
+        # uvloop (libuv) makes a watched descriptor non-blocking; our pipe must block, or a
+        # message larger than the socket buffer would be cut short.  We only read it when
+        # readable, and the worker reads every message we send at once.
+        os.set_blocking(front_end.fileno(), True)
         worker.start_timer = self._loop.call_later(self.start_timeout, self._start_timed_out, worker)
         log.info("worker %s/%d starting on %s (pid %d)", self.name, slot, device, process.pid)
 
