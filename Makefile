@@ -28,8 +28,10 @@ run: venv
 test: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# the long runs: 60 s overload, long load tests, then the soak (bounded to 10 minutes)
 soak: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BIN)/python benchmarks/soak.py --seconds 480
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
