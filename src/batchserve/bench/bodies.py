@@ -77,7 +77,7 @@ TEMPLATES: dict[str, Template] = {
         "OpenAI completions (first text is the prompt)",
     ),
     "autocomplete": Template(
-        "/autocomplete", lambda texts: {"text": texts[0], "n": 3, "max_tokens": 8}, "n suggestions"
+        "/autocomplete", lambda texts: {"context": texts[0], "n": 3, "max_tokens": 8}, "n suggestions"
     ),
     "infill": Template("/infill", lambda texts: {"text": _masked(texts[0])}, "fill the [MASK]"),
     "custom": Template("/models/{model}/predict", lambda texts: {"inputs": texts}, "a --model served model"),
