@@ -252,6 +252,7 @@ def test_readyz_reflects_workers_up_and_shutdown_stops_them(start_server):
     assert sorted(pids) == sorted(children(server.process.pid))
     answer = httpx.post(f"{server.url}/models/whoami/predict", json={"inputs": [7]}).json()
     assert answer["outputs"][0]["pid"] in pids
+    assert 'batchserve_workers_up{model="whoami"} 2.0' in httpx.get(f"{server.url}/metrics").text
 
     os.kill(pids[0], signal.SIGKILL)
     assert wait_until(lambda: _workers(server)["restarts"] == 1)

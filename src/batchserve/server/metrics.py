@@ -28,6 +28,9 @@ class BatcherCollector:
     def collect(self):
         depth = GaugeMetricFamily("batchserve_queue_depth", "Items waiting for a batch", labels=["model"])
         inflight = GaugeMetricFamily("batchserve_inflight_batches", "Batches running now", labels=["model"])
+        workers_up = GaugeMetricFamily(
+            "batchserve_workers_up", "Workers (slots) able to run a batch now", labels=["model"]
+        )
         sizes = HistogramMetricFamily("batchserve_batch_size", "Items per batch run", labels=["model"])
         compute = CounterMetricFamily(
             "batchserve_compute_seconds", "Time spent in predict()", labels=["model"]
@@ -35,10 +38,11 @@ class BatcherCollector:
         for batcher in self.batchers():
             depth.add_metric([batcher.name], batcher.queue_depth)
             inflight.add_metric([batcher.name], batcher.inflight)
+            workers_up.add_metric([batcher.name], batcher.backend.capacity)
             stats = batcher.stats
             sizes.add_metric([batcher.name], _cumulative(stats.batch_sizes), stats.items)
             compute.add_metric([batcher.name], stats.compute_seconds)
-        yield from (depth, inflight, sizes, compute)
+        yield from (depth, inflight, workers_up, sizes, compute)
 
 
 class Metrics:
