@@ -1,0 +1,385 @@
+"""Continuous (iteration-level) batching for a causal LM, in a thread of its own.
+
+Every loop iteration of the engine thread:
+
+1. drops the rows of cancelled or expired requests;
+2. admits waiting requests while the row and token bounds allow, prefills their prompts
+   in one forward pass, repeats each prompt's KV cache ``n`` times (the alternatives share
+   the prefill), samples their first tokens and merges them into the running batch;
+3. runs one decode step for every running row (explicit per-row position ids over a
+   left-padded cache), samples each row with its own parameters, streams the new text
+   and retires finished rows.
+
+The event loop only enqueues requests and reads events; it never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
+from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
+from batchserve.generation.kv import RowCache
+from batchserve.generation.request import ChoiceDelta, GenerationRequest, error_for
+from batchserve.generation.sampling import SamplingParams, row_generator, sample
+
+log = logging.getLogger("batchserve.generation")
+
+
+@dataclass
+class EngineLimits:
+    max_rows: int = 32  # rows decoding together; more requests wait for a free row
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (a longer prompt goes alone)
+    max_waiting_rows: int = 1024  # rows waiting past which a submit gets 503
+    max_kv_tokens: int = 262_144  # prompt + max_tokens over all running and waiting rows; past it, 503
+
+
+@dataclass
+class Row:
+    """One sequence of the running batch: a choice of a request."""
+
+    request: GenerationRequest
+    choice: int
+    generator: torch.Generator
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    length: int  # tokens of this sequence so far (prompt + generated)
+    generated: list[int] = field(default_factory=list)
+    reported: int = 0  # generated tokens already sent in a delta
+    finish_reason: str | None = None
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+
+class GenerationEngine:
+    """Owns the model; requests join and leave its running batch at every decode step."""
+
+    def __init__(self, model, tokenizer, limits: EngineLimits | None = None, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits or EngineLimits()
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.max_positions = _max_positions(model.config)
+        self.stop_tokens = _stop_tokens(model, tokenizer)
+        self.pad_token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_tokens, default=0)
+
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._calls: collections.deque[tuple] = collections.deque()  # (function, future) to run between steps
+        self._wakeup = threading.Condition()
+        self._rows: list[Row] = []
+        self._cache: RowCache | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"generation-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting_requests(self) -> int:
+        return len(self._waiting)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "active_rows": self.active_rows,
+            "waiting_requests": self.waiting_requests,
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "max_rows": self.limits.max_rows,
+        }
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: float = 30.0
+    ) -> GenerationRequest:
+        """Queue a request (call from the event loop); iterate its events or await ``result()``."""
+        self._check(prompt_ids, params, n)
+        request = GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            n=n,
+            deadline=time.monotonic() + timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        with self._wakeup:
+            waiting_rows = sum(r.n for r in self._waiting)
+            if waiting_rows + n > self.limits.max_waiting_rows:
+                raise OverloadedError(f"{waiting_rows} generation rows already waiting")
+            if self._kv_tokens_in_flight() + request.kv_tokens > self.limits.max_kv_tokens:
+                raise OverloadedError("too many tokens in flight for the generation engine")
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request
+
+    async def call(self, function, *args):
+        """Run ``function(model, tokenizer, *args)`` in the engine thread between two steps.
+
+        For other uses of the same model (scoring, say): they never run concurrently with
+        a decode step, so the model keeps one user and its cores.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wakeup:
+            self._calls.append((lambda: function(self.model, self.tokenizer, *args), future))
+            self._wakeup.notify()
+        return await asyncio.wrap_future(future)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            function, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function())
+            except Exception as error:
+                future.set_exception(error_for(error))
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
+        if not prompt_ids:
+            raise InputError("the prompt must not be empty")
+        if n > self.limits.max_rows:
+            raise InputError(f"n must be at most {self.limits.max_rows} on this server")
+        if len(prompt_ids) + params.max_tokens > self.max_positions:
+            raise InputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds the model's context of {self.max_positions} tokens"
+            )
+        needed = n * (len(prompt_ids) + params.max_tokens)
+        if needed > self.limits.max_kv_tokens:
+            raise InputError(f"the request needs {needed} KV-cache tokens; the server allows {self.limits.max_kv_tokens}")
+
+    def _kv_tokens_in_flight(self) -> int:
+        running = sum(len(row.request.prompt_ids) + row.request.params.max_tokens for row in self._rows)
+        return running + sum(r.kv_tokens for r in self._waiting)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._waiting and not self._rows and not self._calls:
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as error:  # a failed step fails the requests in it, the engine goes on
+                log.exception("generation step failed")
+                self._fail_everything(error)
+        self._fail_everything(RuntimeError("the generation engine stopped"))
+
+    def _step(self) -> None:
+        self._run_calls()
+        self._drop_gone_rows()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._rows:
+            self._decode()
+        self.steps += 1
+
+    def _admit(self) -> list[GenerationRequest]:
+        """Waiting requests that fit in the free rows and this step's prefill budget, FIFO."""
+        admitted, rows, prefill_tokens, now = [], len(self._rows), 0, time.monotonic()
+        with self._wakeup:
+            while self._waiting:
+                request = self._waiting[0]
+                if request.cancelled or request.expired(now):
+                    self._waiting.popleft()
+                    if not request.cancelled:
+                        request.emit(DeadlineExceededError("deadline passed while waiting for a generation row"))
+                    continue
+                fits_rows = rows + request.n <= self.limits.max_rows
+                fits_prefill = not admitted or prefill_tokens + len(request.prompt_ids) <= self.limits.max_prefill_tokens
+                if not (fits_rows and fits_prefill):
+                    break
+                self._waiting.popleft()
+                request.admitted_step = self.steps
+                admitted.append(request)
+                rows += request.n
+                prefill_tokens += len(request.prompt_ids)
+        return admitted
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """One forward pass over the new prompts (left-padded), then n rows per prompt."""
+        try:
+            logits, prompts = self._forward_prompts([r.prompt_ids for r in requests])
+        except Exception as error:
+            for request in requests:
+                request.emit(error_for(error))
+            return
+        repeat = [index for index, request in enumerate(requests) for _ in range(request.n)]
+        prompts.select(repeat)
+        rows = [
+            Row(
+                request=request,
+                choice=choice,
+                generator=row_generator(request.params.seed, choice),
+                decoder=IncrementalDecoder(self.tokenizer),
+                stops=StopMatcher(request.params.stop),
+                length=len(request.prompt_ids),
+            )
+            for request in requests
+            for choice in range(request.n)
+        ]
+        if self._cache is None or not self._rows:
+            self._cache = prompts
+        else:
+            self._cache.merge(prompts)
+        self._rows.extend(rows)
+        self._advance(rows, logits[torch.tensor(repeat)])
+        self._retire_finished()
+
+    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[torch.Tensor, RowCache]:
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1, :], RowCache(output.past_key_values, mask.to(self.device))
+
+    def _decode(self) -> None:
+        """Feed every row's last token at its own position; sample the next one."""
+        rows = self._rows
+        input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
+        positions = torch.tensor([[row.length - 1] for row in rows], device=self.device)
+        mask = self._cache.extend_mask()
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache.cache,
+            use_cache=True,
+        )
+        self._advance(rows, output.logits[:, -1, :])
+        self._retire_finished()
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Sample one token per row, then stream what it adds to each choice's text."""
+        tokens = sample(logits, [row.request.params for row in rows], [row.generator for row in rows])
+        self.tokens_generated += len(tokens)
+        for row, token in zip(rows, tokens):
+            row.generated.append(token)
+            row.length += 1
+            self._emit_text(row, token)
+
+    def _emit_text(self, row: Row, token: int) -> None:
+        params = row.request.params
+        if token in self.stop_tokens:
+            text, reason = row.decoder.flush(), "stop"
+            released, stopped = row.stops.push(text)
+            text = released if stopped else released + row.stops.flush()
+        else:
+            released, stopped = row.stops.push(row.decoder.push(token))
+            text, reason = released, ("stop" if stopped else None)
+            if reason is None and len(row.generated) >= params.max_tokens:
+                released, stopped = row.stops.push(row.decoder.flush())
+                text += released if stopped else released + row.stops.flush()
+                reason = "stop" if stopped else "length"
+        row.finish_reason = reason
+        if text or reason:
+            new_tokens, row.reported = row.generated[row.reported :], len(row.generated)
+            row.request.emit(ChoiceDelta(row.choice, text, reason, len(row.generated), new_tokens))
+
+    def _retire_finished(self) -> None:
+        keep = [index for index, row in enumerate(self._rows) if row.finish_reason is None]
+        self._keep_rows(keep)
+
+    def _drop_gone_rows(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for index, row in enumerate(self._rows):
+            request = row.request
+            if request.expired(now) and not request.cancelled:
+                request.emit(DeadlineExceededError("generation did not finish before the request's deadline"))
+                request.cancel()
+            if not request.cancelled:
+                keep.append(index)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[index] for index in keep]
+        if self._rows:
+            self._cache.select(keep)
+        else:
+            self._cache = None
+
+    def _fail_everything(self, error: BaseException) -> None:
+        failed = {id(row.request): row.request for row in self._rows}
+        with self._wakeup:
+            failed.update({id(request): request for request in self._waiting})
+            self._waiting.clear()
+        for request in failed.values():
+            if not request.cancelled:
+                request.emit(error_for(error))
+                request.cancel()
+        self._rows, self._cache = [], None
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error_for(error))
+
+
+def _max_positions(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _stop_tokens(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's and the tokenizer's."""
+    stops: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            stops.add(value)
+        elif value:
+            stops.update(value)
+    return stops

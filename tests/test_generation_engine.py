@@ -1,0 +1,158 @@
+"""The continuous-batching engine on the bundled SmolLM2, in-process.
+
+Greedy equivalence: requests that join the running batch at different decode steps each get
+exactly the tokens ``generate()`` gives for their prompt alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from batchserve.errors import InputError, OverloadedError
+from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams, load_causal_lm
+from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, there was a little",
+    "Here is a list of fruits: apple, banana,",
+    "The quick brown fox",
+    "In 1969, the first man to walk on the moon was",
+]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_causal_lm()
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    engine = GenerationEngine(lm.model, lm.tokenizer, EngineLimits(max_rows=16, max_waiting_rows=24))
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def generate_alone(lm, prompt: str, max_tokens: int) -> list[int]:
+    encoded = lm.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output = lm.model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False)
+    return output[0, encoded["input_ids"].shape[1] :].tolist()
+
+
+async def wait_for_step(engine: GenerationEngine, step: int, timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while engine.steps < step:
+            await asyncio.sleep(0.005)
+
+
+async def test_greedy_rows_joining_at_different_steps_match_generate_alone(lm, engine):
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    requests = []
+    for prompt in PROMPTS:
+        requests.append(engine.submit(engine.encode(prompt), greedy, timeout=300))
+        # the next request arrives only after the engine has taken at least one more step
+        await wait_for_step(engine, engine.steps + 1)
+    results = await asyncio.gather(*(request.result() for request in requests))
+
+    joined_at = [request.admitted_step for request in requests]
+    assert len(set(joined_at)) == len(PROMPTS), f"requests should join at distinct steps: {joined_at}"
+    assert joined_at == sorted(joined_at)
+    # some request joined while others were mid-generation
+    assert joined_at[-1] - joined_at[0] < MAX_TOKENS * len(PROMPTS)
+    for prompt, result in zip(PROMPTS, results):
+        expected = generate_alone(lm, prompt, MAX_TOKENS)
+        got = result.choices[0].token_ids
+        stop = [i for i, token in enumerate(expected) if token in engine.stop_tokens]
+        expected = expected[: stop[0] + 1] if stop else expected
+        assert got == expected, f"{prompt!r}: {lm.tokenizer.decode(got)!r} != {lm.tokenizer.decode(expected)!r}"
+        assert result.choices[0].text == lm.tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.active_rows == 0
+
+
+async def test_n_alternatives_share_one_prefill_and_seeds_repeat(engine):
+    prompt = engine.encode("My favourite animal is the")
+    params = SamplingParams(max_tokens=6, temperature=1.0, top_k=50, seed=1234)
+    steps_before = engine.steps
+    first = await engine.submit(prompt, params, n=3, timeout=120).result()
+    # one prefill step plus at most max_tokens - 1 decode steps for all three rows together
+    assert engine.steps - steps_before <= params.max_tokens
+    second = await engine.submit(prompt, params, n=3, timeout=120).result()
+    texts = [choice.text for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert len(set(texts)) > 1, texts
+    assert texts == [choice.text for choice in second.choices]
+    assert first.prompt_tokens == len(prompt)
+
+
+async def test_per_row_parameters_in_one_batch(engine):
+    prompt = engine.encode("The capital of France is")
+    greedy = engine.submit(prompt, SamplingParams(max_tokens=6, temperature=0), timeout=120)
+    sampled = engine.submit(prompt, SamplingParams(max_tokens=3, temperature=1.5, seed=7), n=2, timeout=120)
+    greedy_result, sampled_result = await asyncio.gather(greedy.result(), sampled.result())
+    assert greedy_result.choices[0].text.startswith(" Paris")
+    assert [c.tokens for c in sampled_result.choices] == [3, 3]
+    assert all(c.finish_reason == "length" for c in sampled_result.choices)
+
+
+async def test_cancelled_request_leaves_the_batch(engine):
+    request = engine.submit(engine.encode("Count to one hundred: 1, 2, 3,"), SamplingParams(max_tokens=200, temperature=0), timeout=300)
+    async with asyncio.timeout(60):
+        async for _ in request.stream():
+            break  # the first delta: the request is running
+    assert engine.active_rows == 1
+    request.cancel()
+    async with asyncio.timeout(30):
+        while engine.active_rows:
+            await asyncio.sleep(0.01)
+    result = await engine.submit(engine.encode("Hello"), SamplingParams(max_tokens=2, temperature=0), timeout=60).result()
+    assert result.choices[0].tokens >= 1
+
+
+async def test_bounds(engine):
+    prompt = engine.encode("Hello")
+    with pytest.raises(InputError):
+        engine.submit(prompt, SamplingParams(max_tokens=2), n=17)
+    with pytest.raises(InputError):
+        engine.submit([], SamplingParams(max_tokens=2))
+    with pytest.raises(InputError):
+        engine.submit(prompt, SamplingParams(max_tokens=engine.max_positions))
+    # 16 rows run, 24 may wait: the next submit past that is refused at once
+    requests = []
+    with pytest.raises(OverloadedError):
+        for _ in range(10):
+            requests.append(engine.submit(prompt, SamplingParams(max_tokens=40, temperature=0), n=8, timeout=120))
+    assert 3 <= len(requests) <= 5
+    for request in requests:
+        request.cancel()
+    async with asyncio.timeout(30):
+        while engine.active_rows or engine.waiting_requests:
+            await asyncio.sleep(0.01)
+
+
+def test_incremental_decoder_holds_back_split_characters(lm):
+    text = "naïve café — 東京 🙂 done"
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(lm.tokenizer)
+    pieces = [decoder.push(token) for token in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stop_matcher_across_pieces():
+    matcher = StopMatcher(("END", "\n\n"))
+    released = []
+    for piece in ["Hello E", "N", "ough. E", "ND and more"]:
+        text, stopped = matcher.push(piece)
+        released.append(text)
+        if stopped:
+            break
+    assert "".join(released) == "Hello ENough. "
+    assert stopped
+    assert released[0] == "Hello "  # "E" could start "END": held back
