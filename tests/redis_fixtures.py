@@ -91,10 +91,10 @@ class WorkerProcess:
 
 def wait_for_workers(client: redis.Redis, model: str, count: int, prefix: str = "", timeout: float = 120.0) -> None:
     """Wait until ``count`` workers serve ``model`` (they announce themselves once loaded)."""
-    pattern = f"batchserve:{prefix}:{model}:workers:*"
+    key = f"batchserve:{prefix}:{model}:workers"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(list(client.scan_iter(match=pattern))) >= count:
+        if client.zcount(key, time.time(), "+inf") >= count:
             return
         time.sleep(0.2)
     raise TimeoutError(f"{count} workers did not come up for {model!r} (prefix {prefix!r})")

@@ -163,12 +163,17 @@ def read_replies(client, key: str, count: int, timeout: float = 15.0) -> dict[st
     return replies
 
 
-def test_password_url_and_hostile_entries(password_redis, start_worker, start_server, tmp_path):
+def test_password_url_no_worker_and_hostile_entries(password_redis, start_worker, start_server, tmp_path):
     url = password_redis.url(db=3)
+    front = start_server(*front_args(url, "tests.fakes:double", "--prefix", "secure"))
+    started = time.monotonic()
+    alone = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [1]}, timeout=30)
+    assert alone.status_code == 503 and time.monotonic() - started < 2.0
+    assert "no worker" in alone.json()["error"]["message"]
     worker = start_worker("--redis-url", url, "--model", "tests.fakes:double", "--prefix", "secure")
     client = password_redis.client(db=3)
     wait_for_workers(client, "double", 1, prefix="secure", timeout=60)
-    front = start_server(*front_args(url, "tests.fakes:double", "--prefix", "secure"))
+    time.sleep(1.5)  # the front counts live workers every second
     answer = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [1, 2]}, timeout=30)
     assert answer.json() == {"outputs": [2, 4]}
 

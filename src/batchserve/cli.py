@@ -156,7 +156,8 @@ def worker(
     models: List[str] = typer.Option(None, "--model", help="your model as [name=]module:attr, as given to serve"),
     prefix: str = typer.Option("", "--prefix", help="key prefix, the same as the fronts'"),
     workers: int = typer.Option(1, min=1, help="model processes on this host (more than 1: supervised processes)"),
-    devices: List[str] = typer.Option(None, "--devices", help="cpu or cuda:N per process, round-robin; repeatable"),
+    devices: List[str] = typer.Option(None, "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
+    threads_per_worker: int = typer.Option(0, min=0, help="torch threads per model process (0: cores // workers)"),
     max_batch_size: int = typer.Option(64, min=1, help="most items in one batch"),
     max_latency: float = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item"),
     visibility_timeout: float = typer.Option(10.0, min=0.1, help="seconds before a dead worker's requests are taken over"),
@@ -172,9 +173,10 @@ def worker(
         max_batch_size=max_batch_size,
         max_latency=max_latency,
         max_queue_size=1_000_000,  # the stream is the queue; the worker reads only when it has room
-        backend="process" if workers > 1 or devices else "thread",
+        backend="process" if workers > 1 or devices or threads_per_worker else "thread",
         workers=workers,
         devices=list(devices or ["cpu"]),
+        threads_per_worker=threads_per_worker or None,
         log_level=log_level,
     )
     try:

@@ -6,13 +6,16 @@ stream, which only it reads.  Keys, for prefix ``P`` and model name ``M``::
 
     batchserve:P:M:requests            entries {id, reply, deadline, data}
     batchserve:P:M:replies:<client>    entries {id, data} or {id, error}
+    batchserve:P:M:workers             sorted set: live workers, scored by lease expiry
+    batchserve:P:M:workers:<consumer>  hash: a worker's counters (batches, batch sizes, ...)
 
 ``deadline`` is Unix time in seconds (hosts are expected to keep their clocks in sync),
 ``data`` and ``error`` are :mod:`batchserve.wire` payloads (msgpack, never pickle).
 
-While Redis is unreachable, :meth:`RedisBackend.run` fails at once with
-:class:`~batchserve.errors.NotReadyError` (HTTP 503), and batches waiting for a reply
-fail the same way; a background task reconnects and the front serves again.
+While Redis is unreachable, or no worker serves the model, :meth:`RedisBackend.run`
+fails at once with :class:`~batchserve.errors.NotReadyError` (HTTP 503); batches waiting
+for a reply when Redis goes away fail the same way.  A background task reconnects and the
+front serves again.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_STREAM_LENGTH = 100_000
 READ_BLOCK_MS = 500
 RECONNECT_DELAY = 0.25
+WORKERS_CHECK_PERIOD = 1.0  # seconds between counts of live workers
 
 ERROR_KINDS: dict[str, type[BatchserveError]] = {
     cls.kind: cls
@@ -77,6 +81,14 @@ class StreamKeys:
     @property
     def requests(self) -> str:
         return f"{self.base}:requests"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker (consumer) name → Unix time until which it counts as alive."""
+        return f"{self.base}:workers"
+
+    def worker_stats(self, consumer: str) -> str:
+        return f"{self.base}:workers:{consumer}"
 
     def replies(self, client: str) -> str:
         return f"{self.base}:replies:{client}"
@@ -164,12 +176,14 @@ class RedisBackend(Backend):
         self.max_inflight = max_inflight
         self.default_timeout = default_timeout
         self.connected = False
+        self.live_workers = 0
         self.duplicate_replies = 0
         self._redis: aioredis.Redis | None = None
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._last_reply_id = "0"
+        self._workers_checked = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -200,6 +214,7 @@ class RedisBackend(Backend):
             "backend": "redis",
             "redis": redact(self.url),
             "connected": self.connected,
+            "workers": self.live_workers,
             "stream": self.keys.requests,
             "waiting": len(self._waiting),
             "duplicate_replies": self.duplicate_replies,
@@ -210,6 +225,8 @@ class RedisBackend(Backend):
     async def run(self, batch: list) -> list:
         if not self.connected or self._redis is None:
             raise NotReadyError("Redis is unreachable; retry shortly")
+        if self.live_workers == 0:
+            raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
         loop = asyncio.get_running_loop()
         deadline = batch_deadline.get() or loop.time() + self.default_timeout
         request_id = str(next(self._ids))
@@ -251,6 +268,7 @@ class RedisBackend(Backend):
                     await asyncio.sleep(RECONNECT_DELAY)
                 continue
             try:
+                await self._count_workers_now_and_then()
                 answer = await self._redis.xread({self.reply_key: self._last_reply_id}, block=READ_BLOCK_MS)
             except UNREACHABLE as error:
                 self._lost(error)
@@ -276,11 +294,19 @@ class RedisBackend(Backend):
             return
         future.set_result(outputs)
 
+    async def _count_workers_now_and_then(self) -> None:
+        now = time.time()
+        if now - self._workers_checked >= WORKERS_CHECK_PERIOD:
+            self.live_workers = await self._redis.zcount(self.keys.workers, now, "+inf")
+            self._workers_checked = now
+
     async def _reconnect(self) -> bool:
         """One attempt to reach Redis and set up the stream; True when it worked."""
         try:
             await self._redis.ping()
             await ensure_group(self._redis, self.keys.requests)
+            self._workers_checked = 0.0
+            await self._count_workers_now_and_then()
         except AuthenticationError:
             raise  # a wrong password does not fix itself: fail loudly
         except UNREACHABLE:

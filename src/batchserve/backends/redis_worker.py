@@ -133,6 +133,7 @@ class StreamWorker:
         self._outbox: list[Reply] = []
         self._outbox_ready = asyncio.Event()
         self._room = asyncio.Event()
+        self._upkeep_now = asyncio.Event()  # set: renew the lease now (Redis came back)
         self._claim_cursor = "0-0"
         self._tasks: list[asyncio.Task] = []
         self._connected = True
@@ -143,23 +144,25 @@ class StreamWorker:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_forever(), name=f"read {self.keys.name}"),
-            loop.create_task(self._write_replies_forever(), name=f"write {self.keys.name}"),
             loop.create_task(self._upkeep_forever(), name=f"upkeep {self.keys.name}"),
+            loop.create_task(self._write_replies_forever(), name=f"write {self.keys.name}"),
         ]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop reading; finish and answer what this worker holds (up to ``grace`` s)."""
-        reader, *others = self._tasks
+        reader, upkeep, writer = self._tasks
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+        upkeep.cancel()  # no new lease, no reclaiming
+        await asyncio.gather(upkeep, return_exceptions=True)
+        await self._leave()
         if self._held:
             await asyncio.wait(list(self._held.values()), timeout=grace)
         flush_until = time.monotonic() + min(grace, 5.0)
         while self._outbox and time.monotonic() < flush_until:
             await asyncio.sleep(0.05)
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
 
     # ---------------------------------------------------------------- reading
 
@@ -269,7 +272,7 @@ class StreamWorker:
         ticks = 0
         while True:
             try:
-                await self._publish_stats()
+                await self._announce()
                 await self._refresh_held()
                 if self._free_items() > 0:
                     await self._reclaim()
@@ -280,7 +283,8 @@ class StreamWorker:
             except ResponseError as error:
                 await self._group_lost(error)
             ticks += 1
-            await asyncio.sleep(period)
+            self._upkeep_now.clear()
+            await _wait(self._upkeep_now, period)
 
     async def _refresh_held(self) -> None:
         held = list(self._held)
@@ -328,22 +332,34 @@ class StreamWorker:
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > stale_ms:
                 await self.redis.xgroup_delconsumer(self.keys.requests, GROUP, name)
 
-    async def _publish_stats(self) -> None:
-        """This worker's counters, for operators (and tests): ``HGETALL <base>:workers:<consumer>``."""
+    async def _announce(self) -> None:
+        """Renew this worker's lease in ``<base>:workers`` (fronts count live workers there)
+        and publish its counters for operators: ``HGETALL <base>:workers:<consumer>``."""
+        now = time.time()
         stats = self.batcher.stats
-        key = f"{self.keys.base}:workers:{self.consumer}"
-        fields = {
+        counters = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "batches": stats.batches,
             "items": stats.items,
             "batch_sizes": orjson.dumps({str(k): v for k, v in stats.batch_sizes.items()}),
-            "updated": time.time(),
+            "updated": now,
         }
+        stats_key = self.keys.worker_stats(self.consumer)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, max(int(self.visibility_timeout * STALE_CONSUMER_TIMEOUTS), 60))
+            pipe.zadd(self.keys.workers, {self.consumer: now + self.visibility_timeout})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - 3600)
+            pipe.expire(self.keys.workers, 86400)
+            pipe.hset(stats_key, mapping=counters)
+            pipe.expire(stats_key, max(int(self.visibility_timeout * STALE_CONSUMER_TIMEOUTS), 60))
             await pipe.execute()
+
+    async def _leave(self) -> None:
+        """Tell the fronts at once that this worker is gone (a graceful stop)."""
+        try:
+            await self.redis.zrem(self.keys.workers, self.consumer)
+        except UNREACHABLE:
+            pass
 
     # ---------------------------------------------------------------- outages
 
@@ -356,6 +372,7 @@ class StreamWorker:
     def _redis_back(self) -> None:
         if not self._connected:
             log.warning("Redis is back on %s", self.keys.requests)
+            self._upkeep_now.set()
         self._connected = True
 
     async def _group_lost(self, error: ResponseError) -> None:
@@ -364,6 +381,7 @@ class StreamWorker:
             raise error
         try:
             await ensure_group(self.redis, self.keys.requests)
+            self._upkeep_now.set()  # Redis lost our lease too
         except UNREACHABLE as unreachable:
             await self._redis_lost(unreachable)
 
