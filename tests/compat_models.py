@@ -33,3 +33,8 @@ def square_or_fail(batch: list) -> list:
     if "boom" in batch:
         raise ValueError("boom is not a number")
     return [item * item for item in batch]
+
+
+class FailsToLoad(ManagedModel):
+    def init_model(self) -> None:
+        raise RuntimeError("weights not found")

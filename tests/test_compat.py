@@ -12,7 +12,7 @@ import pytest
 from batchserve.compat import ManagedModel, Streamer, ThreadedStreamer
 from batchserve.errors import ModelError
 from examples.embedding_service import ManagedEmbedder, build_app
-from tests.compat_models import EnvReporter, square_or_fail
+from tests.compat_models import EnvReporter, FailsToLoad, square_or_fail
 
 SENTENCES = [
     "The Art of Dog Walking",
@@ -90,12 +90,12 @@ def test_example_http_service(embedding_streamer, direct_embedder):
     assert_same_vectors(response.json(), direct_embedder.predict(SENTENCES[:3]))
 
 
-@pytest.mark.parametrize("kind", ["threaded", "process"])
+@pytest.mark.parametrize("kind", ["threaded", "spawn", "fork"])
 def test_an_exception_in_predict_reaches_its_caller(kind):
     if kind == "threaded":
         streamer = ThreadedStreamer(square_or_fail, batch_size=8, max_latency=0.05)
-    else:  # not waiting for the worker: the first call waits for it
-        streamer = Streamer(square_or_fail, batch_size=8, max_latency=0.05, worker_num=1)
+    else:  # not waiting for the workers: the first call waits for them
+        streamer = Streamer(square_or_fail, batch_size=8, max_latency=0.05, worker_num=2, mp_start_method=kind)
     try:
         assert streamer.predict([2, 3]) == [4, 9]
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -130,6 +130,17 @@ def test_four_workers_round_robin_over_gpus_without_needing_one():
     assert all(report["gpu_id"] == int(report["cuda_visible_devices"]) for report in reports)
     for pid in pids:  # destroy_workers stopped and reaped them
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_model_that_fails_to_load_fails_every_call_with_its_message():
+    with pytest.raises(ModelError, match="RuntimeError: weights not found"):
+        Streamer(FailsToLoad, batch_size=4, wait_for_worker_ready=True)
+    streamer = Streamer(FailsToLoad, batch_size=4)  # returns at once; the calls get the error
+    try:
+        with pytest.raises(ModelError, match="weights not found"):
+            streamer.predict([1])
+    finally:
+        streamer.destroy_workers()
 
 
 def test_no_call_waits_past_worker_timeout():

@@ -145,7 +145,7 @@ class _Streamer:
 
     def destroy_workers(self) -> None:
         """Stop the worker thread or processes; later calls fail."""
-        self._wait_started(None)
+        self._started.wait()
         self._batcher.stop()
 
 
