@@ -17,7 +17,7 @@ def main() -> None:
 @app.command()
 def serve(
     app_names: List[str] = typer.Option(
-        None, "--app", help="built-in app: embeddings (default when no --model), or all"
+        None, "--app", help="built-in app: embeddings (default when no --model), generation, infill, or all"
     ),
     models: List[str] = typer.Option(
         None, "--model", help="your model as [name=]module:attr (a function or a class); repeatable"
@@ -41,6 +41,13 @@ def serve(
     prefix: str = typer.Option("", "--prefix", help="redis backend: key prefix, the same as the workers'"),
     drain_seconds: float = typer.Option(1.0, min=0, help="on SIGTERM: seconds /readyz answers 503 before closing"),
     grace: float = typer.Option(30.0, min=0, help="on shutdown: seconds in-flight requests may take"),
+    generation_model: Optional[str] = typer.Option(
+        None, "--generation-model", help="generation/infill: a causal-LM directory or .gguf (default: bundled SmolLM2)"
+    ),
+    generation_cache_dir: Optional[str] = typer.Option(
+        None, "--generation-cache-dir", help="where the GGUF is dequantized once (default: ~/.cache/batchserve)"
+    ),
+    generation_max_rows: int = typer.Option(32, min=1, help="generation: sequences decoding together"),
     no_docs: bool = typer.Option(False, "--no-docs", help="do not serve /docs and /openapi.json"),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="do not serve /metrics"),
     log_level: str = typer.Option("warning", help="debug, info, warning or error"),
@@ -68,6 +75,9 @@ def serve(
         redis_prefix=prefix,
         drain_seconds=drain_seconds,
         grace=grace,
+        generation_model=generation_model,
+        generation_cache_dir=generation_cache_dir,
+        generation_max_rows=generation_max_rows,
         docs=not no_docs,
         metrics=not no_metrics,
         log_level=log_level,

@@ -10,6 +10,8 @@ from batchserve.server.settings import Settings
 #: app name → module holding ``build(settings) -> Service``
 BUILT_IN = {
     "embeddings": "batchserve.apps.embeddings",
+    "generation": "batchserve.apps.generation",
+    "infill": "batchserve.apps.infill",
 }
 
 

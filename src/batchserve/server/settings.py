@@ -33,6 +33,9 @@ class Settings(BaseModel):
     redis_prefix: str = Field("", description="redis backend: keeps several deployments apart on one Redis")
     drain_seconds: float = Field(1.0, ge=0, description="after SIGTERM: seconds /readyz is 503 before closing")
     grace: float = Field(30.0, ge=0, description="after closing: seconds in-flight requests may take")
+    generation_model: str | None = Field(None, description="generation: a causal-LM directory or .gguf; default the bundled SmolLM2")
+    generation_cache_dir: str | None = Field(None, description="generation: where the GGUF is dequantized to safetensors")
+    generation_max_rows: int = Field(32, ge=1, description="generation: sequences decoding together")
     docs: bool = True
     metrics: bool = True
     log_level: str = "warning"

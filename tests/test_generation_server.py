@@ -1,0 +1,164 @@
+"""The generation and infill apps over HTTP: a real `batchserve serve` on loopback, bundled SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+PROMPT = "Once upon a time, in a small village,"
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess("--app", "generation", "--app", "infill", "--timeout", "120", ready_timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+def complete(client: httpx.Client, **body) -> dict:
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream_events(client: httpx.Client, **body) -> list:
+    events = []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def engine_state(client: httpx.Client) -> dict:
+    return client.get("/readyz").json()["services"]["generation"]["engine"]
+
+
+def test_completion_shape_and_usage(client):
+    body = complete(client, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0
+    assert choice["text"].startswith(" Paris")
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+
+
+def test_n_choices_differ_and_repeat_with_a_seed_and_stream_the_same(client):
+    request = {"prompt": PROMPT, "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 42}
+    first = complete(client, **request)
+    second = complete(client, **request)
+    texts = [choice["text"] for choice in first["choices"]]
+    assert [choice["index"] for choice in first["choices"]] == [0, 1, 2]
+    assert len(set(texts)) > 1, texts
+    assert texts == [choice["text"] for choice in second["choices"]]
+    assert 3 <= first["usage"]["completion_tokens"] <= 3 * 8
+
+    events = stream_events(client, **request)
+    assert events[-1] == "[DONE]"
+    streamed = ["", "", ""]
+    finish = {}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        streamed[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finish[choice["index"]] = choice["finish_reason"]
+    assert streamed == texts
+    assert finish == {i: c["finish_reason"] for i, c in enumerate(first["choices"])}
+
+
+def test_stop_string_ends_the_choice_and_is_not_included(client):
+    full = complete(client, prompt="The capital of France is", max_tokens=10, temperature=0)["choices"][0]["text"]
+    stop = full.strip().split()[1]  # a word in the middle of the greedy output
+    cut = complete(client, prompt="The capital of France is", max_tokens=10, temperature=0, stop=[stop, "zzz"])
+    (choice,) = cut["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == full[: full.index(stop)]
+    assert stop not in choice["text"]
+
+
+def test_list_of_prompts_and_streamed_usage(client):
+    body = complete(client, prompt=["Hello, my name is", "The sky is"], n=2, max_tokens=3, temperature=0)
+    assert sorted(choice["index"] for choice in body["choices"]) == [0, 1, 2, 3]
+    events = stream_events(client, prompt="The sky is", max_tokens=3, temperature=0, stream_options={"include_usage": True})
+    usage_chunk = events[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
+
+
+def test_invalid_requests_get_422(client):
+    assert client.post("/v1/completions", json={"prompt": "", "max_tokens": 2}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "hi", "n": 100}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 9000}).status_code == 422
+    assert client.post("/autocomplete", json={"context": ""}).status_code == 422
+    response = client.post("/infill", json={"text": "no mask here"})
+    assert response.status_code == 422 and "[MASK]" in response.json()["error"]["message"]
+
+
+def test_client_disconnecting_mid_stream_frees_its_rows(server, client):
+    body = {"prompt": "Count from one to a thousand: one, two,", "n": 2, "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=120) as leaving:
+        with leaving.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # the generation is running: now hang up
+            assert engine_state(client)["active_rows"] == 2
+    deadline = time.monotonic() + 60
+    while engine_state(client)["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine_state(client)["active_rows"] == 0
+    assert complete(client, prompt="Hi", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
+
+
+def test_openai_client(server):
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    completion = openai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert completion.choices[0].text.startswith(" Paris")
+    assert completion.usage.completion_tokens == 4
+
+    several = openai.completions.create(model="smollm2", prompt=PROMPT, n=3, max_tokens=4, seed=3)
+    assert sorted(choice.index for choice in several.choices) == [0, 1, 2]
+
+    chunks = list(openai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == completion.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_autocomplete_gives_n_suggestions(client):
+    response = client.post("/autocomplete", json={"context": "I went to the market to buy", "n": 3, "max_tokens": 5, "seed": 1})
+    assert response.status_code == 200, response.text
+    suggestions = response.json()["suggestions"]
+    assert len(suggestions) == 3 and all(isinstance(s, str) and s for s in suggestions)
+
+
+def test_infill_fills_the_mask(client):
+    response = client.post("/infill", json={"text": "twinkle twinkle [MASK] star."})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == "twinkle twinkle little star."
+    assert body["fills"][0]["fill"] == "little"
+    assert body["fills"][0]["candidates"][0]["fill"] == "little"
+
+
+def test_editor_page_is_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<textarea id="editor"' in page.text
+    assert client.get("/editor/editor.js").status_code == 200
+    assert client.get("/editor/nothing.js").status_code == 404
