@@ -157,8 +157,8 @@ class ProcessBackend(Backend):
         worker.job = job = self._loop.create_future()
         try:
             worker.conn.send(("batch", batch))
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            pass  # it died: its exit sentinel fails the job
+        except OSError:
+            pass  # it died (broken pipe): its exit sentinel fails the job
         except Exception as error:  # pickling failed before anything was written
             worker.job = None
             self._set_idle(worker)
