@@ -81,3 +81,11 @@ def embeddings_server():
     server = ServerProcess("--app", "embeddings")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def generation_server():
+    """One generation + infill server (bundled SmolLM2) shared by the generation and editor tests."""
+    server = ServerProcess("--app", "generation", "--app", "infill", "--timeout", "120", ready_timeout=300)
+    yield server
+    server.stop()

@@ -8,16 +8,12 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
-
 PROMPT = "Once upon a time, in a small village,"
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = ServerProcess("--app", "generation", "--app", "infill", "--timeout", "120", ready_timeout=300)
-    yield server
-    server.stop()
+def server(generation_server):
+    return generation_server
 
 
 @pytest.fixture(scope="module")
