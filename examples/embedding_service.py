@@ -10,6 +10,8 @@ Every concurrent caller of ``/embed`` shares the workers' mini-batches.
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import FastAPI
 
 from batchserve.apps.embeddings import EmbeddingModel
@@ -27,8 +29,8 @@ class ManagedEmbedder(ManagedModel):
         return [vector.tolist() for vector, _tokens in self.model.predict(batch)]
 
 
-def build_app(streamer: Streamer) -> FastAPI:
-    app = FastAPI(title="embedding service")
+def build_app(streamer: Streamer, lifespan=None) -> FastAPI:
+    app = FastAPI(title="embedding service", lifespan=lifespan)
 
     @app.post("/embed")
     def embed(sentences: list[str]) -> list[list[float]]:
@@ -39,6 +41,14 @@ def build_app(streamer: Streamer) -> FastAPI:
 
 
 def create_app() -> FastAPI:
-    streamer = Streamer(ManagedEmbedder, batch_size=64, max_latency=0.1, worker_num=2)
-    # on a GPU machine: Streamer(ManagedEmbedder, 64, 0.1, worker_num=4, cuda_devices=(0, 1))
-    return build_app(streamer)
+    # wait for the workers to load here, before uvicorn takes requests (otherwise the first
+    # calls wait for them, and fail if that takes longer than worker_timeout=20 s)
+    streamer = Streamer(ManagedEmbedder, batch_size=64, max_latency=0.1, worker_num=2, wait_for_worker_ready=True)
+    # on a GPU machine: Streamer(ManagedEmbedder, 64, 0.1, worker_num=4, cuda_devices=(0, 1), ...)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        streamer.destroy_workers()  # stop the worker processes with the server
+
+    return build_app(streamer, lifespan)
