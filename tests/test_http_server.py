@@ -105,7 +105,7 @@ async def test_overload_is_503_fast_and_deadline_is_504(start_server):
     server = start_server("--model", "tests.fakes:slow", "--max-batch-size", "1", "--max-queue-size", "2")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         filling = [asyncio.ensure_future(client.post("/models/slow/predict", json={"inputs": [i]})) for i in range(3)]
-        await asyncio.sleep(0.3)  # one running, two queued: the queue is full
+        await _until_queue_depth(client, "slow", 2)  # one running, two queued: the queue is full
         timings = []
         for _ in range(5):
             started = time.perf_counter()
@@ -120,6 +120,14 @@ async def test_overload_is_503_fast_and_deadline_is_504(start_server):
         late = await client.post("/models/slow/predict", json={"inputs": [1]}, headers={"X-Request-Timeout": "0.2"})
         assert late.status_code == 504 and late.json()["error"]["type"] == "deadline"
         assert time.perf_counter() - started < 0.45
+
+
+async def _until_queue_depth(client: httpx.AsyncClient, model: str, depth: int, within: float = 10.0) -> None:
+    line = f'batchserve_queue_depth{{model="{model}"}} {float(depth)}'
+    deadline = time.monotonic() + within
+    while line not in (await client.get("/metrics")).text:
+        assert time.monotonic() < deadline, f"queue never reached {depth}"
+        await asyncio.sleep(0.02)
 
 
 def test_readyz_is_503_until_the_model_is_loaded(start_server):
