@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: run test soak bench bench-compare venv system-deps clean
+.PHONY: run test soak bench bench-compare bench-process venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: venv
 bench-compare: venv
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py
+
+# worker processes: process backend (1, 2 workers) vs thread on /v1/embeddings; PSS of 1 vs 4 workers
+bench-process: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_process.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pss.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

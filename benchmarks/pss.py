@@ -11,6 +11,7 @@ most 1.5x the memory of 1.  The table goes to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -49,7 +50,7 @@ def measure(name: str, extra: list[str], warmup: float) -> dict:
     }
 
 
-def section(figures: dict, command: str, warmup: float) -> str:
+def section(figures: dict, load: str, command: str, warmup: float) -> str:
     one = figures["process, 1 worker"]["total_mib"]
     four = figures["process, 4 workers"]["total_mib"]
     rows = [
@@ -63,7 +64,7 @@ def section(figures: dict, command: str, warmup: float) -> str:
 ## Process backend memory (PSS) — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()} (shared with other jobs while measured)
+- machine: {machine()} (shared with other jobs while measured); load average {load}
 - each server: `batchserve serve --app embeddings ...` (all-MiniLM-L6-v2), warmed up by `batchserve bench`
   (c=16, {warmup:g} s), then PSS summed over the server and its worker processes from
   `/proc/PID/smaps_rollup` (the lowest of 3 readings)
@@ -76,15 +77,17 @@ def section(figures: dict, command: str, warmup: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of load before measuring")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     figures = {}
     for name, extra in CONFIGS.items():
         print(f"{name} ...", file=sys.stderr)
         figures[name] = measure(name, extra, args.warmup)
-    command = "python benchmarks/pss.py" + (f" --warmup {args.warmup:g}" if args.warmup != 5.0 else "")
-    text = section(figures, command, args.warmup)
+    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)"
+    command = "python benchmarks/pss.py" + (f" --warmup {args.warmup:g}" if args.warmup != 10.0 else "")
+    text = section(figures, load, command, args.warmup)
     print(text)
     if not args.no_write:
         append_results(text)
