@@ -80,6 +80,23 @@ def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
     assert "reclaimed" in survivor.stop(), "the survivor took over the victim's entries"
 
 
+def test_sigterm_worker_answers_what_it_holds_and_leaves_the_rest(redis_server, start_worker, start_server):
+    url = redis_server.url()
+    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "2")
+    leaving = start_worker(*worker_args)
+    staying = start_worker(*worker_args)
+    wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)
+    front = start_server(*front_args(url, "tests.redis_models:slow_double"))
+
+    results = asyncio.run(
+        load(f"{front.url}/models/slow_double/predict", 100, concurrency=30, when_answered={20: leaving.process.terminate})
+    )
+    assert leaving.process.wait(timeout=20) == 0, "a SIGTERM stops the worker cleanly"
+    assert sorted(index for index, _, _ in results) == list(range(100))
+    assert all((status, body) == (200, {"outputs": [index * 2]}) for index, status, body in results)
+    assert "reclaimed" not in staying.stop(), "the leaving worker left nothing pending"
+
+
 # --------------------------------------------------------------------------- outage
 
 

@@ -137,6 +137,7 @@ class StreamWorker:
         self._claim_cursor = "0-0"
         self._tasks: list[asyncio.Task] = []
         self._connected = True
+        self._stopping = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -149,20 +150,22 @@ class StreamWorker:
         ]
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop reading; finish and answer what this worker holds (up to ``grace`` s)."""
+        """Stop reading; finish and answer what this worker holds (up to ``grace`` s).
+
+        The loops end at their next turn (a read blocks at most ``READ_BLOCK_MS``) rather
+        than being cancelled in the middle of a Redis command, so no entry is read and lost.
+        """
         reader, upkeep, writer = self._tasks
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        upkeep.cancel()  # no new lease, no reclaiming
-        await asyncio.gather(upkeep, return_exceptions=True)
+        self._stopping = True
+        self._room.set()
+        self._upkeep_now.set()
+        await _finish(reader, timeout=5.0)
+        await _finish(upkeep, timeout=5.0)
         await self._leave()
         if self._held:
             await asyncio.wait(list(self._held.values()), timeout=grace)
-        flush_until = time.monotonic() + min(grace, 5.0)
-        while self._outbox and time.monotonic() < flush_until:
-            await asyncio.sleep(0.05)
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        self._outbox_ready.set()
+        await _finish(writer, timeout=5.0)
 
     # ---------------------------------------------------------------- reading
 
@@ -173,7 +176,7 @@ class StreamWorker:
         return max(self.batcher.max_batch_size - self.batcher.queue_depth, 0)
 
     async def _read_forever(self) -> None:
-        while True:
+        while not self._stopping:
             count = self._free_items()
             if count == 0:
                 self._room.clear()
@@ -241,7 +244,7 @@ class StreamWorker:
 
     async def _write_replies_forever(self) -> None:
         """Write every ready reply, ack and delete their entries: one round trip per batch."""
-        while True:
+        while not (self._stopping and not self._held and not self._outbox):
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
@@ -270,7 +273,7 @@ class StreamWorker:
         """Every third of the visibility timeout: keep our entries, take dead workers' ones."""
         period = self.visibility_timeout / 3
         ticks = 0
-        while True:
+        while not self._stopping:
             try:
                 await self._announce()
                 await self._refresh_held()
@@ -283,8 +286,9 @@ class StreamWorker:
             except ResponseError as error:
                 await self._group_lost(error)
             ticks += 1
-            self._upkeep_now.clear()
-            await _wait(self._upkeep_now, period)
+            if not self._stopping:
+                self._upkeep_now.clear()
+                await _wait(self._upkeep_now, period)
 
     async def _refresh_held(self) -> None:
         held = list(self._held)
@@ -384,6 +388,14 @@ class StreamWorker:
             self._upkeep_now.set()  # Redis lost our lease too
         except UNREACHABLE as unreachable:
             await self._redis_lost(unreachable)
+
+
+async def _finish(task: asyncio.Task, timeout: float) -> None:
+    """Let ``task`` end by itself; cancel it if it has not after ``timeout`` s."""
+    await asyncio.wait([task], timeout=timeout)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
