@@ -158,6 +158,14 @@ def test_summary_percentiles_and_errors():
     assert summary.latency_ms["max"] == pytest.approx(100.0)
 
 
+def test_throughput_leaves_out_answers_after_the_window():
+    plan = LoadPlan(url="http://x/y", bodies=[b"{}"], concurrency=2, duration=1.0)
+    outcomes = [Outcome(0.1 * i, 0.05, "200") for i in range(10)]  # all answered by 0.95 s
+    outcomes += [Outcome(0.9, 0.5, "200"), Outcome(0.95, 1.0, "200")]  # drained after the window
+    summary = summarize(LoadResult(plan, outcomes, elapsed=1.95))
+    assert summary.ok == 12 and summary.throughput == pytest.approx(10.0)
+
+
 def test_plan_needs_exactly_one_kind_of_load():
     with pytest.raises(ValueError):
         LoadPlan(url="http://x", bodies=[b"{}"], concurrency=2, rate=5.0)

@@ -24,7 +24,7 @@ class Summary:
     sent: int
     ok: int
     errors: dict[str, int]  # status code or exception name -> count
-    throughput: float  # successful requests per second
+    throughput: float  # successful answers per second within the run's window
     latency_ms: dict[str, float]  # p50, p95, p99, max, mean over successful requests
     batch_sizes: dict[str, dict] | None = None  # per model, when the target is batchserve
 
@@ -45,10 +45,24 @@ def summarize(result: LoadResult, batch_sizes: dict[str, dict] | None = None) ->
         sent=len(result.outcomes),
         ok=len(latencies),
         errors=dict(sorted(errors.items())),
-        throughput=len(latencies) / result.elapsed if result.elapsed > 0 else 0.0,
+        throughput=throughput(result),
         latency_ms=latency_figures(latencies),
         batch_sizes=batch_sizes,
     )
+
+
+def throughput(result: LoadResult) -> float:
+    """Successful answers per second while load was offered.
+
+    Counted over the run's window (``duration``, or less when the request count ran out
+    first): answers that came in later, while the last requests drained, are left out,
+    as they would lower the figure more for the slower servers.
+    """
+    window = min(result.plan.duration, result.elapsed)
+    if window <= 0:
+        return 0.0
+    answered = sum(1 for o in result.outcomes if o.ok and o.due + o.latency <= window)
+    return answered / window
 
 
 def latency_figures(milliseconds: np.ndarray) -> dict[str, float]:
