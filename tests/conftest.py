@@ -86,6 +86,9 @@ def embeddings_server():
 @pytest.fixture(scope="session")
 def generation_server():
     """One generation + infill server (bundled SmolLM2) shared by the generation and editor tests."""
-    server = ServerProcess("--app", "generation", "--app", "infill", "--timeout", "120", ready_timeout=300)
+    # one torch thread: on a CPU shared with other tests, spinning OpenMP threads slow it down many times
+    server = ServerProcess(
+        "--app", "generation", "--app", "infill", "--timeout", "120", "--generation-threads", "1", ready_timeout=300
+    )
     yield server
     server.stop()

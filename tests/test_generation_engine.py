@@ -28,7 +28,11 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_causal_lm()
+    # one torch thread while this module runs: on a CPU shared with other tests it is much faster
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_causal_lm()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,9 @@ def serve(
         None, "--generation-cache-dir", help="where the GGUF is dequantized once (default: ~/.cache/batchserve)"
     ),
     generation_max_rows: int = typer.Option(32, min=1, help="generation: sequences decoding together"),
+    generation_threads: int = typer.Option(
+        0, min=0, help="generation: torch threads for this process (0: torch's default, one per core)"
+    ),
     no_docs: bool = typer.Option(False, "--no-docs", help="do not serve /docs and /openapi.json"),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="do not serve /metrics"),
     log_level: str = typer.Option("warning", help="debug, info, warning or error"),
@@ -78,6 +81,7 @@ def serve(
         generation_model=generation_model,
         generation_cache_dir=generation_cache_dir,
         generation_max_rows=generation_max_rows,
+        generation_threads=generation_threads or None,
         docs=not no_docs,
         metrics=not no_metrics,
         log_level=log_level,

@@ -44,6 +44,10 @@ class GenerationRuntime:
         await asyncio.shield(self._loading)
 
     def _load(self) -> None:
+        if self.settings.generation_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.generation_threads)  # process-wide: every torch model here
         loaded = load_causal_lm(self.settings.generation_model, self.settings.generation_cache_dir)
         limits = EngineLimits(max_rows=self.settings.generation_max_rows, max_waiting_rows=self.settings.max_queue_size)
         engine = GenerationEngine(loaded.model, loaded.tokenizer, limits, name=loaded.name)

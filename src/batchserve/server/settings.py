@@ -36,6 +36,7 @@ class Settings(BaseModel):
     generation_model: str | None = Field(None, description="generation: a causal-LM directory or .gguf; default the bundled SmolLM2")
     generation_cache_dir: str | None = Field(None, description="generation: where the GGUF is dequantized to safetensors")
     generation_max_rows: int = Field(32, ge=1, description="generation: sequences decoding together")
+    generation_threads: int | None = Field(None, ge=1, description="generation: torch threads of this process")
     docs: bool = True
     metrics: bool = True
     log_level: str = "warning"
