@@ -34,11 +34,15 @@ def direct_embedder() -> ManagedEmbedder:
 
 
 @pytest.fixture(scope="module")
-def embedding_streamer():
-    """Two spawned worker processes, each with its own ManagedEmbedder."""
+def embedding_streamer(direct_embedder):
+    """Two worker processes forked after this process loaded a ManagedEmbedder once.
+
+    Forked, not spawned (service-streamer's default, tested with small models below), so
+    that the test pays for importing the framework once, not three times.
+    """
     streamer = Streamer(
         ManagedEmbedder, batch_size=16, max_latency=0.02, worker_num=2,
-        wait_for_worker_ready=True, worker_timeout=120,
+        mp_start_method="fork", wait_for_worker_ready=True, worker_timeout=120,
     )
     yield streamer
     streamer.destroy_workers()
