@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batchserve.compat import ManagedModel, Streamer, ThreadedStreamer
-from batchserve.errors import ModelError
+from batchserve.errors import ModelError, NotReadyError
 from examples.embedding_service import ManagedEmbedder, build_app
 from tests.compat_models import EnvReporter, FailsToLoad, square_or_fail
 
@@ -114,6 +114,8 @@ def test_an_exception_in_predict_reaches_its_caller(kind):
         assert streamer.predict([]) == []
     finally:
         streamer.destroy_workers()
+    with pytest.raises(NotReadyError, match="destroy_workers"):
+        streamer.predict([1])
 
 
 def test_four_workers_round_robin_over_gpus_without_needing_one():

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 from batchserve.backends.process import ProcessBackend
 from batchserve.backends.thread import ThreadBackend
 from batchserve.batching import Batcher
-from batchserve.errors import DeadlineExceededError
+from batchserve.errors import DeadlineExceededError, NotReadyError
 from batchserve.model import ModelSpec
 
 #: service-streamer's queues were unbounded; ours is bounded, but far above any batch.
@@ -113,6 +113,7 @@ class _Streamer:
         self._worker_timeout = worker_timeout
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._destroyed = False
         starter = threading.Thread(target=self._start, name="batchserve-streamer-start", daemon=True)
         starter.start()
         if wait_for_worker_ready:
@@ -134,6 +135,8 @@ class _Streamer:
 
     def submit(self, batch: Iterable) -> StreamerFuture:
         """Queue ``batch``; its outputs come from the returned future's ``result()``."""
+        if self._destroyed:
+            raise NotReadyError("destroy_workers() was called: this streamer no longer serves")
         deadline = time.monotonic() + self._worker_timeout
         self._wait_started(self._worker_timeout)
         remaining = deadline - time.monotonic()
@@ -144,7 +147,8 @@ class _Streamer:
         return self.submit(batch).result()
 
     def destroy_workers(self) -> None:
-        """Stop the worker thread or processes; later calls fail."""
+        """Stop the worker thread or processes; later calls fail at once."""
+        self._destroyed = True
         self._started.wait()
         self._batcher.stop()
 
