@@ -25,7 +25,6 @@ LOADS = (1, 64)
 
 
 def measure(duration: float) -> dict:
-    load_before = os.getloadavg()[0]
     figures = {}
     for name, extra in CONFIGS.items():
         command = [sys.executable, "-m", "batchserve.cli", "serve", "--app", "embeddings", "--max-batch-size", "64", *extra]
