@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from harness import PEERS, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, raw_encode
+from harness import PEERS, LoadAverage, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, raw_encode
 
 THROUGHPUT_TARGET = 0.85  # batchserve at c=64 / raw batch-64
 LATENCY_TARGET_MS = 3.0  # batchserve c=1 p50 - naive c=1 p50
@@ -52,7 +52,7 @@ def targets(figures: dict) -> dict:
     }
 
 
-def section(figures: dict, verdict: dict, command: str, duration: float) -> str:
+def section(figures: dict, verdict: dict, command: str, duration: float, load: LoadAverage) -> str:
     raw = figures["raw"]
     rows = [["raw encode (in-process)", "batch 64", raw["sentences_per_s"], None, None, None, "0", 64]]
     for (system, concurrency), summary in figures["http"].items():
@@ -66,7 +66,7 @@ def section(figures: dict, verdict: dict, command: str, duration: float) -> str:
 ## make bench — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()}
+- machine: {machine()}; {load.line()}
 - load: `batchserve bench` in a separate process on loopback, one sentence per request (a quarter
   long), {duration:g} s per point after a 2 s warm-up; raw = `SentenceTransformer.encode` on batches of 64
   of the same sentences ({raw['batch_ms_p50']:.0f} ms per batch)
@@ -83,10 +83,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
+    load = LoadAverage()
     figures = measure(args.duration)
     verdict = targets(figures)
     command = "make bench" + (f"  # benchmarks/bench_core.py --duration {args.duration:g}" if args.duration != 10 else "")
-    text = section(figures, verdict, command, args.duration)
+    text = section(figures, verdict, command, args.duration, load)
     print(text)
     print(json.dumps(verdict))
     if not args.no_write:

@@ -24,7 +24,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from harness import PEERS, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, raw_encode
+from harness import PEERS, LoadAverage, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, raw_encode
 
 CONCURRENCY = (1, 16, 64, 256)
 MAX_BATCH = 64
@@ -102,7 +102,7 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def section(results: dict, checks: dict, command: str, duration: float) -> str:
+def section(results: dict, checks: dict, command: str, duration: float, load: LoadAverage) -> str:
     pivot, detail = [], []
     for name, rows in results.items():
         if not isinstance(rows, dict):
@@ -119,7 +119,7 @@ def section(results: dict, checks: dict, command: str, duration: float) -> str:
 ## make bench-compare — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()}
+- machine: {machine()}; {load.line()}
 - versions: {versions()}
 - load: `batchserve bench` in a separate process on loopback, one sentence per request (a quarter long),
   {duration:g} s per point after a 2 s warm-up; every server gets max batch {MAX_BATCH}; raw is in-process
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md or the plot")
     args = parser.parse_args()
     chosen = args.only or [RAW, *SYSTEMS]
+    load = LoadAverage()
     results: dict = {}
     if RAW in chosen:
         results[RAW] = measure_raw(args.duration)
@@ -188,7 +189,7 @@ def main() -> None:
             results[name] = measure_system(name, args.duration)
     checks = verdict(results)
     command = "make bench-compare" + (f"  # benchmarks/compare.py --duration {args.duration:g}" if args.duration != 8 else "")
-    text = section(results, checks, command, args.duration)
+    text = section(results, checks, command, args.duration, load)
     print(text)
     print(json.dumps({name: [value, ok] for name, (value, ok, _) in checks.items()}, ensure_ascii=False))
     if not args.no_write:

@@ -160,6 +160,16 @@ def _memory_gib() -> float:
         return 0.0
 
 
+class LoadAverage:
+    """The machine's 1-minute load average when a benchmark started, and now, as a line."""
+
+    def __init__(self):
+        self.before = os.getloadavg()[0]
+
+    def line(self) -> str:
+        return f"load average {self.before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
+
+
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
