@@ -40,6 +40,7 @@ class CompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0: off (an extension to OpenAI's parameters)")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end a choice (not included)")
     seed: int | None = None
+    ignore_eos: bool = Field(False, description="generate max_tokens even past end-of-sequence (an extension)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -77,6 +78,7 @@ class CompletionRequest(BaseModel):
             top_k=self.top_k,
             seed=self.seed,
             stop=tuple(stops),
+            ignore_eos=self.ignore_eos,
         )
 
 

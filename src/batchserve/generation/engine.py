@@ -309,7 +309,7 @@ class GenerationEngine:
 
     def _emit_text(self, row: Row, token: int) -> None:
         params = row.request.params
-        if token in self.stop_tokens:
+        if token in self.stop_tokens and not params.ignore_eos:
             text, reason = row.decoder.flush(), "stop"
             released, stopped = row.stops.push(text)
             text = released if stopped else released + row.stops.flush()

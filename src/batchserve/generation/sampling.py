@@ -18,6 +18,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks: a fixed length)
 
     @property
     def greedy(self) -> bool:
@@ -47,19 +48,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params]).unsqueeze(1)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params]).unsqueeze(1)
-    top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
+    return torch.stack([_draw_row(row, p, g) for row, p, g in zip(logits, params, generators)])
 
-    sorted_logits, sorted_tokens = (logits / temperature).sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    mass_before = probs.cumsum(dim=-1) - probs
-    removed = (ranks >= top_k) | ((mass_before >= top_p) & (ranks > 0))
-    probs = probs.masked_fill(removed, 0.0)
+
+def _draw_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Temperature, then top-k (``topk``, no full sort), then top-p (sorts only the survivors)."""
+    vocab = logits.shape[-1]
+    scores, tokens = logits / params.temperature, None
+    if 0 < params.top_k < vocab:
+        scores, tokens = scores.topk(params.top_k)  # sorted, descending
+    if params.top_p < 1.0:
+        if tokens is None:
+            scores, tokens = scores.sort(descending=True)
+        probs = scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill((mass_before >= params.top_p) & (torch.arange(len(probs)) > 0), 0.0)
+    else:
+        probs = scores.softmax(dim=-1)
     cumulative = probs.cumsum(dim=-1)
-    uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).float()
-    threshold = (uniform * cumulative[:, -1]).unsqueeze(1)
-    picks = torch.searchsorted(cumulative, threshold, right=True).clamp(max=vocab - 1)
-    return sorted_tokens.gather(1, picks).squeeze(1)
+    threshold = torch.rand((), generator=generator, dtype=torch.float64).float() * cumulative[-1]
+    pick = torch.searchsorted(cumulative, threshold.unsqueeze(0), right=True).clamp(max=len(probs) - 1)
+    return pick[0] if tokens is None else tokens[pick[0]]

@@ -1,0 +1,140 @@
+"""Generation benchmark: n alternatives and continuous batching, side by side in one run.
+
+1. model load: dequantizing the bundled GGUF into a fresh safetensors cache, then loading
+   from that cache (in-process);
+2. latency of ``n=3`` vs ``n=1`` on the same prompt, ``max_tokens`` 32 (requests alternate;
+   medians);
+3. generated tokens/s with 8 concurrent clients vs one client at a time (each client sends
+   its requests back to back).
+
+Both HTTP parts run against one `batchserve serve --app generation` process on loopback,
+driven from this process with httpx.  Every request asks for ``ignore_eos`` so each one
+generates exactly ``max_tokens`` tokens.  Targets (issue 5): n=3 latency <= 1.3x n=1;
+8 clients >= 4x one-at-a-time.  The figures go to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+from harness import Server, append_results, machine, markdown_table, now_utc
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+N_RATIO_TARGET = 1.3
+THROUGHPUT_TARGET = 4.0
+
+
+def measure_load() -> dict:
+    from batchserve.generation import load_causal_lm
+
+    with tempfile.TemporaryDirectory(prefix="bench-gen-cache-") as cache:
+        first = load_causal_lm(cache_dir=cache)
+        del first.model
+        cached = load_causal_lm(cache_dir=cache)
+    return {"dequantize_s": first.converted_seconds, "first_load_s": first.load_seconds, "cached_load_s": cached.load_seconds}
+
+
+async def completion(client: httpx.AsyncClient, n: int, max_tokens: int, seed: int) -> tuple[float, int]:
+    body = {"prompt": PROMPT, "n": n, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+    started = time.perf_counter()
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
+
+
+async def n_latency(url: str, repeats: int, max_tokens: int) -> dict:
+    latencies = {1: [], 3: []}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await completion(client, 1, 4, 0)  # warm-up
+        for repeat in range(repeats):
+            for n in (1, 3):
+                seconds, _ = await completion(client, n, max_tokens, repeat)
+                latencies[n].append(seconds)
+    return {n: statistics.median(values) for n, values in latencies.items()}
+
+
+async def clients_throughput(url: str, clients: int, requests_each: int, max_tokens: int) -> dict:
+    async def client_loop(client: httpx.AsyncClient, index: int) -> int:
+        tokens = 0
+        for repeat in range(requests_each):
+            _, generated = await completion(client, 1, max_tokens, index * 1000 + repeat)
+            tokens += generated
+        return tokens
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(client_loop(client, index) for index in range(clients))))
+        seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="n=1 / n=3 latency pairs")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-each", type=int, default=2, help="requests per client in the concurrent run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (--generation-threads)")
+    parser.add_argument("--skip-load", action="store_true", help="do not measure the GGUF conversion")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()[0]
+    load = None if args.skip_load else measure_load()
+    command = [
+        sys.executable, "-m", "batchserve.cli", "serve", "--app", "generation",
+        "--generation-threads", str(args.threads), "--timeout", "600",
+    ]
+    with Server("generation", command, ready_timeout=600) as server:
+        print("latency n=1 vs n=3 ...", file=sys.stderr)
+        latency = asyncio.run(n_latency(server.url, args.repeats, args.max_tokens))
+        sequential_requests = args.requests_each * 2
+        print("one client at a time ...", file=sys.stderr)
+        alone = asyncio.run(clients_throughput(server.url, 1, sequential_requests, args.max_tokens))
+        print(f"{args.clients} concurrent clients ...", file=sys.stderr)
+        together = asyncio.run(clients_throughput(server.url, args.clients, args.requests_each, args.max_tokens))
+    load_after = os.getloadavg()[0]
+
+    n_ratio = latency[3] / latency[1]
+    speedup = together["tokens_per_s"] / alone["tokens_per_s"]
+    rows = [
+        ["latency, n=1", f"{latency[1]:.2f} s", "1.00×", ""],
+        ["latency, n=3", f"{latency[3]:.2f} s", f"{n_ratio:.2f}×", f"≤ {N_RATIO_TARGET}× {'met' if n_ratio <= N_RATIO_TARGET else 'NOT met'}"],
+        [f"one client at a time ({sequential_requests} requests)", f"{alone['tokens_per_s']:.1f} tok/s", "1.00×", ""],
+        [
+            f"{args.clients} concurrent clients ({args.clients * args.requests_each} requests)",
+            f"{together['tokens_per_s']:.1f} tok/s",
+            f"{speedup:.2f}×",
+            f"≥ {THROUGHPUT_TARGET}× {'met' if speedup >= THROUGHPUT_TARGET else 'NOT met'}",
+        ],
+    ]
+    if load:
+        rows += [
+            ["dequantize GGUF → safetensors (once)", f"{load['dequantize_s']:.1f} s", "", ""],
+            ["load from the safetensors cache", f"{load['cached_load_s']:.2f} s", "", ""],
+        ]
+    section = "\n".join([
+        f"## Generation: n alternatives and continuous batching, /v1/completions — {now_utc()}",
+        "",
+        f"- command: `{' '.join(['python benchmarks/bench_generation.py', *sys.argv[1:]])}`",
+        f"- machine: {machine()} (shared with other jobs while measured: compare rows of this table only); "
+        f"load average {load_before:.1f} before, {load_after:.1f} after",
+        f"- server: `batchserve serve --app generation --generation-threads {args.threads}` (SmolLM2-135M-Instruct, "
+        f"float32); prompt of {len(PROMPT.split())} words, max_tokens {args.max_tokens}, temperature 1, "
+        f"ignore_eos; latency: median of {args.repeats} alternating pairs",
+        "",
+        markdown_table(["what", "figure", "ratio", "target"], rows),
+    ])
+    append_results(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
