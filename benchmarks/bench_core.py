@@ -5,7 +5,8 @@
 3. batchserve `serve --app embeddings` (thread backend, max batch 64).
 
 HTTP load comes from `batchserve bench` in a separate process on loopback, one sentence
-per request (a quarter of them long), after a short warm-up.  Targets (issue 2):
+per request (a quarter of them long).  The points are measured in interleaved rounds, so
+that other load on a shared machine weighs on every system alike.  Targets (issue 2):
 c=64 throughput >= 85 % of raw, and c=1 p50 <= naive c=1 p50 + 3 ms.
 The figures go to benchmarks/RESULTS.md.
 """
@@ -16,27 +17,40 @@ import argparse
 import json
 import sys
 
-from harness import PEERS, LoadAverage, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, raw_encode
+import numpy as np
+from harness import (
+    PEERS, LoadAverage, RawEncoder, Server, append_results, drive, errors, latency, machine, markdown_table,
+    mean_batch, merge_rounds, now_utc,
+)
 
 THROUGHPUT_TARGET = 0.85  # batchserve at c=64 / raw batch-64
 LATENCY_TARGET_MS = 3.0  # batchserve c=1 p50 - naive c=1 p50
 
 
-def measure(duration: float) -> dict:
-    print(f"raw encode, batch 64, {duration:g} s ...", file=sys.stderr)
-    raw = raw_encode(duration)
+def measure(duration: float, rounds: int) -> dict:
+    """Raw, naive and batchserve in interleaved rounds, so that other load on the machine
+    weighs on all of them alike; both servers run throughout (idle when not driven)."""
     naive_cmd = [sys.executable, str(PEERS / "naive.py")]
     batchserve_cmd = [sys.executable, "-m", "batchserve.cli", "serve", "--app", "embeddings", "--max-batch-size", "64"]
-    http = {}
-    with Server("naive", naive_cmd) as server:
-        for concurrency in (1, 64):
-            print(f"naive, c={concurrency} ...", file=sys.stderr)
-            http[("naive", concurrency)] = drive(server.url, concurrency, duration)
-    with Server("batchserve", batchserve_cmd) as server:
-        for concurrency in (1, 64):
-            print(f"batchserve, c={concurrency} ...", file=sys.stderr)
-            http[("batchserve", concurrency)] = drive(server.url, concurrency, duration)
-    return {"raw": raw, "http": http}
+    share = duration / rounds
+    raw_rounds, http_rounds = [], {}
+    with Server("naive", naive_cmd) as naive, Server("batchserve", batchserve_cmd) as ours:
+        raw = RawEncoder()
+        servers = {"naive": naive, "batchserve": ours}
+        for number in range(rounds):
+            print(f"round {number + 1}/{rounds}: raw encode, batch 64 ...", file=sys.stderr)
+            raw_rounds.append(raw.measure(share))
+            for concurrency in (1, 64):
+                for name, server in servers.items():
+                    print(f"round {number + 1}/{rounds}: {name}, c={concurrency} ...", file=sys.stderr)
+                    warmup = 2.0 if number == 0 else 0.0
+                    summary = drive(server.url, concurrency, share, warmup=warmup)
+                    http_rounds.setdefault((name, concurrency), []).append(summary)
+    raw_figures = {
+        "sentences_per_s": float(np.mean([r["sentences_per_s"] for r in raw_rounds])),
+        "batch_ms_p50": float(np.median([r["batch_ms_p50"] for r in raw_rounds])),
+    }
+    return {"raw": raw_figures, "http": {key: merge_rounds(values) for key, values in http_rounds.items()}}
 
 
 def targets(figures: dict) -> dict:
@@ -52,7 +66,7 @@ def targets(figures: dict) -> dict:
     }
 
 
-def section(figures: dict, verdict: dict, command: str, duration: float, load: LoadAverage) -> str:
+def section(figures: dict, verdict: dict, command: str, duration: float, rounds: int, load: LoadAverage) -> str:
     raw = figures["raw"]
     rows = [["raw encode (in-process)", "batch 64", raw["sentences_per_s"], None, None, None, "0", 64]]
     for (system, concurrency), summary in figures["http"].items():
@@ -68,8 +82,10 @@ def section(figures: dict, verdict: dict, command: str, duration: float, load: L
 - command: `{command}`
 - machine: {machine()}; {load.line()}
 - load: `batchserve bench` in a separate process on loopback, one sentence per request (a quarter
-  long), {duration:g} s per point after a 2 s warm-up; raw = `SentenceTransformer.encode` on batches of 64
-  of the same sentences ({raw['batch_ms_p50']:.0f} ms per batch)
+  long); raw = `SentenceTransformer.encode` on batches of 64 of the same sentences ({raw['batch_ms_p50']:.0f} ms
+  per batch). {duration:g} s per point, split into {rounds} interleaved rounds (raw, then each server in
+  turn at c=1, then at c=64; both servers up throughout, a 2 s warm-up before the first round):
+  req/s is the mean over rounds, latencies the median of the rounds' figures
 
 {table}
 
@@ -80,14 +96,16 @@ def section(figures: dict, verdict: dict, command: str, duration: float, load: L
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per measured point, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the points are split into")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
     load = LoadAverage()
-    figures = measure(args.duration)
+    figures = measure(args.duration, args.rounds)
     verdict = targets(figures)
-    command = "make bench" + (f"  # benchmarks/bench_core.py --duration {args.duration:g}" if args.duration != 10 else "")
-    text = section(figures, verdict, command, args.duration, load)
+    defaults = args.duration == 12 and args.rounds == 3
+    command = "make bench" + ("" if defaults else f"  # benchmarks/bench_core.py --duration {args.duration:g} --rounds {args.rounds}")
+    text = section(figures, verdict, command, args.duration, args.rounds, load)
     print(text)
     print(json.dumps(verdict))
     if not args.no_write:

@@ -101,34 +101,62 @@ def _bench(url: str, concurrency: int, duration: float) -> dict:
     return json.loads(finished.stdout)
 
 
-def raw_encode(duration: float, batch_size: int = 64, warmup: int = 2) -> dict:
-    """In-process ``encode`` on batches of ``batch_size`` bench sentences: the ceiling."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+class RawEncoder:
+    """In-process ``encode`` on batches of bench sentences: the ceiling (no HTTP, no JSON)."""
 
-    from batchserve.apps.embeddings import bundled_model_path
-    from batchserve.bench.bodies import sentences
+    def __init__(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
-    pool = sentences(256)  # the same texts, in the same order, as the HTTP load sends
-    batches = [pool[i : i + batch_size] for i in range(0, len(pool) - batch_size + 1, batch_size)]
-    for batch in batches[:warmup]:
-        encoder.encode(batch, batch_size=batch_size)
-    seconds, count, started = [], 0, time.perf_counter()
-    while time.perf_counter() - started < duration:
-        batch = batches[count % len(batches)]
-        began = time.perf_counter()
-        encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True)
-        seconds.append(time.perf_counter() - began)
-        count += 1
-    elapsed = time.perf_counter() - started
-    del encoder
-    return {
-        "sentences_per_s": count * batch_size / elapsed,
-        "batches": count,
-        "batch_ms_p50": 1000 * float(np.percentile(seconds, 50)),
-        "batch_ms_p99": 1000 * float(np.percentile(seconds, 99)),
-    }
+        from batchserve.apps.embeddings import bundled_model_path
+        from batchserve.bench.bodies import sentences
+
+        self.encoder = SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
+        self.pool = sentences(256)  # the same texts, in the same order, as the HTTP load sends
+
+    def measure(self, duration: float, batch_size: int = 64, warmup: int = 2) -> dict:
+        pool = self.pool
+        batches = [pool[i : i + batch_size] for i in range(0, len(pool) - batch_size + 1, batch_size)]
+        for batch in batches[:warmup]:
+            self.encoder.encode(batch, batch_size=batch_size)
+        seconds, count, started = [], 0, time.perf_counter()
+        while time.perf_counter() - started < duration:
+            began = time.perf_counter()
+            self.encoder.encode(batches[count % len(batches)], batch_size=batch_size, convert_to_numpy=True)
+            seconds.append(time.perf_counter() - began)
+            count += 1
+        elapsed = time.perf_counter() - started
+        return {
+            "sentences_per_s": count * batch_size / elapsed,
+            "batches": count,
+            "batch_ms_p50": 1000 * float(np.percentile(seconds, 50)),
+            "batch_ms_p99": 1000 * float(np.percentile(seconds, 99)),
+        }
+
+
+def raw_encode(duration: float, batch_size: int = 64) -> dict:
+    """One :class:`RawEncoder` measurement (loads the model, measures, lets it go)."""
+    return RawEncoder().measure(duration, batch_size)
+
+
+def merge_rounds(summaries: list[dict]) -> dict:
+    """Several `batchserve bench` summaries of one system and load as one: mean req/s,
+    median of each latency figure, errors added up, mean batch size."""
+    merged = dict(summaries[-1])
+    merged["throughput"] = float(np.mean([s["throughput"] for s in summaries]))
+    names = set.intersection(*(set(s["latency_ms"]) for s in summaries))
+    merged["latency_ms"] = {name: float(np.median([s["latency_ms"][name] for s in summaries])) for name in names}
+    errors: dict[str, int] = {}
+    for summary in summaries:
+        for status, count in summary["errors"].items():
+            errors[status] = errors.get(status, 0) + count
+    merged["errors"] = errors
+    means = [mean_batch(s) for s in summaries if mean_batch(s) is not None]
+    if means:
+        model = next(iter(merged["batch_sizes"]))
+        merged["batch_sizes"] = {model: {**merged["batch_sizes"][model], "mean": float(np.mean(means))}}
+    merged["rounds"] = len(summaries)
+    return merged
 
 
 def machine() -> str:

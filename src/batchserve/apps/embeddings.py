@@ -24,6 +24,7 @@ from batchserve.server.settings import Settings
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_INPUTS = 2048
 MAX_SENTENCES = 1024
+CPU_PASS = 16  # texts per forward pass on a CPU (see EmbeddingModel.texts_per_pass)
 
 
 def bundled_model_path() -> str:
@@ -62,8 +63,16 @@ class EmbeddingModel:
             self.path or bundled_model_path(), device=self.device or pick_device(), local_files_only=True
         )
 
+    def texts_per_pass(self, count: int) -> int:
+        """A GPU takes the batch in one pass.  On a CPU a padded token costs as much as a
+        real one, so a batch of mixed lengths runs in passes of CPU_PASS texts, which
+        sentence-transformers groups by length: 2.5x less CPU per sentence than one pass of
+        64 on the bench's sentence mix (benchmarks/RESULTS.md)."""
+        on_cpu = str(self.encoder.device).startswith("cpu")
+        return min(count, CPU_PASS) if on_cpu else count
+
     def predict(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        vectors = self.encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+        vectors = self.encoder.encode(texts, batch_size=self.texts_per_pass(len(texts)), convert_to_numpy=True)
         tokens = self.encoder.tokenizer(
             texts, truncation=True, max_length=self.encoder.max_seq_length
         )["input_ids"]
