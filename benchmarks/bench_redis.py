@@ -4,8 +4,9 @@
 2. redis, one worker host: `serve --backend redis` + `batchserve worker --workers 2`;
 3. redis, two worker hosts: `serve --backend redis` + two `batchserve worker --threads-per-worker 1`.
 
-All on this machine (loopback, one redis-server started here); every model process gets
-cores // 2 torch threads.  Load comes from `batchserve bench` in a separate process, one
+All on this machine (loopback, one redis-server started here, a prefix per redis setup),
+all three up at once, their c=64 measurements interleaved over rounds; every model process
+gets cores // 2 torch threads.  Load comes from `batchserve bench` in a separate process, one
 sentence per request.  Target (issue 4): redis throughput at c=64 >= 90 % of process.
 The figures go to benchmarks/RESULTS.md.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,71 +64,100 @@ def worker(url: str, *args: str):
             process.wait()
 
 
-def wait_for_workers(url: str, count: int, timeout: float = 180.0) -> None:
+def wait_for_workers(url: str, prefix: str, count: int, timeout: float = 300.0) -> None:
     import redis
 
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(list(client.scan_iter(match="batchserve::all-MiniLM-L6-v2:workers:*"))) >= count:
+        if client.zcount(f"batchserve:{prefix}:all-MiniLM-L6-v2:workers", time.time(), "+inf") >= count:
             return
         time.sleep(0.3)
-    raise TimeoutError(f"{count} redis workers not up after {timeout:g} s")
-
-
-def measure_points(url: str, duration: float) -> dict[int, dict]:
-    return {concurrency: drive(url, concurrency, duration) for concurrency in CONCURRENCIES}
+    raise TimeoutError(f"{count} redis workers not up for prefix {prefix!r} after {timeout:g} s")
 
 
 def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "batchserve.cli", "serve", "--app", "embeddings", "--max-batch-size", "64", *args]
+    return [sys.executable, "-m", "batchserve.cli", "serve", "--app", "embeddings", "--max-batch-size", "64",
+            "--drain-seconds", "0", *args]
 
 
-def measure(duration: float) -> dict[str, dict[int, dict]]:
-    figures = {}
-    print("process backend ...", file=sys.stderr)
-    with Server("process", serve_command("--backend", "process", "--workers", str(WORKERS))) as server:
-        figures["process, 2 workers"] = measure_points(server.url, duration)
-    layouts = {
-        "redis, 1 worker host × 2 processes": [("--workers", str(WORKERS))],
-        "redis, 2 worker hosts × 1 process": [("--threads-per-worker", "1")] * WORKERS,
+#: system → (front's extra serve args, one `batchserve worker` arg list per worker process)
+def layouts(url: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    return {
+        "process, 2 workers": (["--backend", "process", "--workers", str(WORKERS)], []),
+        "redis, 1 worker host × 2 processes": (
+            ["--backend", "redis", "--redis-url", url, "--prefix", "one"],
+            [["--prefix", "one", "--workers", str(WORKERS)]],
+        ),
+        "redis, 2 worker hosts × 1 process": (
+            ["--backend", "redis", "--redis-url", url, "--prefix", "two"],
+            [["--prefix", "two", "--threads-per-worker", "1"]] * WORKERS,
+        ),
     }
-    for name, worker_args in layouts.items():
-        print(f"{name} ...", file=sys.stderr)
-        with redis_server() as url, ExitStack() as stack:
+
+
+def measure(duration: float, rounds: int) -> dict[str, dict[int, list[dict]]]:
+    """Every system up at once (idle ones cost no CPU); c=64 points interleaved over rounds."""
+    figures: dict[str, dict[int, list[dict]]] = {}
+    with redis_server() as url, ExitStack() as stack:
+        systems = layouts(url)
+        for name, (_, worker_args) in systems.items():
             for args in worker_args:
                 stack.enter_context(worker(url, *args))
-            wait_for_workers(url, len(worker_args))
-            with Server("redis-front", serve_command("--backend", "redis", "--redis-url", url)) as server:
-                figures[name] = measure_points(server.url, duration)
+        for name, (_, worker_args) in systems.items():
+            if worker_args:
+                wait_for_workers(url, worker_args[0][1], len(worker_args))
+        servers = {
+            name: stack.enter_context(Server(f"front-{index}", serve_command(*front_args)))
+            for index, (name, (front_args, _)) in enumerate(systems.items())
+        }
+        for round_number in range(rounds):
+            for name, server in servers.items():
+                print(f"round {round_number + 1}/{rounds}: {name}, c=64 ...", file=sys.stderr)
+                figures.setdefault(name, {}).setdefault(64, []).append(drive(server.url, 64, duration))
+        for name, server in servers.items():
+            print(f"{name}, c=1 ...", file=sys.stderr)
+            figures[name][1] = [drive(server.url, 1, duration)]
     return figures
 
 
-def section(figures: dict, command: str, duration: float) -> tuple[str, dict]:
-    base = figures["process, 2 workers"][64]["throughput"]
-    ratios = {name: points[64]["throughput"] / base for name, points in figures.items()}
+def median_summary(summaries: list[dict]) -> dict:
+    """The summary whose throughput is the median of the rounds'."""
+    ordered = sorted(summaries, key=lambda summary: summary["throughput"])
+    return ordered[len(ordered) // 2]
+
+
+def section(figures: dict, command: str, duration: float, rounds: int, load: tuple[float, float]) -> tuple[str, dict]:
+    medians = {name: {c: median_summary(runs) for c, runs in points.items()} for name, points in figures.items()}
+    base = medians["process, 2 workers"][64]["throughput"]
+    ratios = {name: points[64]["throughput"] / base for name, points in medians.items()}
     rows = []
-    for name, points in figures.items():
-        for concurrency, summary in points.items():
-            rows.append([name, f"c={concurrency}", summary["throughput"], latency(summary, "p50"),
+    for name, points in medians.items():
+        for concurrency in CONCURRENCIES:
+            summary = points[concurrency]
+            every = " / ".join(f"{run['throughput']:.0f}" for run in figures[name][concurrency])
+            rows.append([name, f"c={concurrency}", summary["throughput"], every, latency(summary, "p50"),
                          latency(summary, "p95"), latency(summary, "p99"), errors(summary),
                          f"{ratios[name]:.0%}" if concurrency == 64 else None])
-    table = markdown_table(["system", "load", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "vs process c=64"], rows)
+    header = ["system", "load", "req/s (median)", "req/s, each round", "p50 ms", "p95 ms", "p99 ms", "errors",
+              "vs process c=64"]
+    table = markdown_table(header, rows)
     redis_ratios = {name: ratio for name, ratio in ratios.items() if name.startswith("redis")}
-    verdict = {name: ratio >= TARGET for name, ratio in redis_ratios.items()}
     lines = "\n".join(
         f"- {name}: **{ratio:.0%}** of the process backend at c=64 (target ≥ {TARGET:.0%}): "
-        f"{'met' if verdict[name] else '**missed**'}"
+        f"{'met' if ratio >= TARGET else '**missed**'}"
         for name, ratio in redis_ratios.items()
     )
     text = f"""
 ## Redis mode vs process backend — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()}
-- everything on this machine: front, redis-server, workers and load share the CPUs; every model
-  process has cores // {WORKERS} torch threads; `batchserve bench` drives /v1/embeddings from a separate
-  process on loopback, one sentence per request, {duration:g} s per point after a 2 s warm-up
+- machine: {machine()}; load average {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} cores)
+- everything on this machine: the three setups run side by side (one redis-server, prefixes
+  `one` and `two`), and the c=64 points alternate between them over {rounds} rounds (median shown),
+  so background load hits all of them alike; every model process has cores // {WORKERS} torch
+  threads; `batchserve bench` drives /v1/embeddings from a separate process on loopback, one
+  sentence per request, {duration:g} s per point after a 2 s warm-up
 
 {table}
 
@@ -138,11 +169,14 @@ def section(figures: dict, command: str, duration: float) -> tuple[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
+    parser.add_argument("--rounds", type=int, default=3, help="c=64 measurements per system, interleaved")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    figures = measure(args.duration)
-    command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_redis.py --duration {args.duration:g}"
-    text, ratios = section(figures, command, args.duration)
+    load_before = os.getloadavg()[0]
+    figures = measure(args.duration, args.rounds)
+    load_after = os.getloadavg()[0]
+    command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_redis.py --duration {args.duration:g} --rounds {args.rounds}"
+    text, ratios = section(figures, command, args.duration, args.rounds, (load_before, load_after))
     print(text)
     print(json.dumps(ratios))
     if not args.no_write:

@@ -303,6 +303,9 @@ class RedisBackend(Backend):
     async def _reconnect(self) -> bool:
         """One attempt to reach Redis and set up the stream; True when it worked."""
         try:
+            # connections from before an outage are dead: drop them all now, rather than
+            # have each fail one request later
+            await self._redis.connection_pool.disconnect()
             await self._redis.ping()
             await ensure_group(self._redis, self.keys.requests)
             self._workers_checked = 0.0

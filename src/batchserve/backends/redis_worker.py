@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -108,6 +109,8 @@ def parse_entry(entry_id: bytes, fields: dict, keys: StreamKeys) -> Entry:
         raise bad(f"entry has no {missing.args[0].decode()!r} field") from None
     except (ValueError, wire.WireError) as error:
         raise bad(f"entry is malformed: {error}") from None
+    if not math.isfinite(deadline):
+        raise bad(f"entry deadline must be a finite Unix time, not {deadline!r}")
     if not isinstance(items, list) or not items:
         raise bad("entry data must be a non-empty list of items")
     return Entry(entry_id, request_id, reply_key, deadline, items)
@@ -158,13 +161,13 @@ class StreamWorker:
         reader, upkeep, writer = self._tasks
         self._stopping = True
         self._room.set()
-        self._upkeep_now.set()
         await _finish(reader, timeout=5.0)
-        await _finish(upkeep, timeout=5.0)
         await self._leave()
-        if self._held:
+        if self._held:  # meanwhile the upkeep keeps them ours, so nobody takes them over
             await asyncio.wait(list(self._held.values()), timeout=grace)
+        self._upkeep_now.set()
         self._outbox_ready.set()
+        await _finish(upkeep, timeout=5.0)
         await _finish(writer, timeout=5.0)
 
     # ---------------------------------------------------------------- reading
@@ -273,22 +276,22 @@ class StreamWorker:
         """Every third of the visibility timeout: keep our entries, take dead workers' ones."""
         period = self.visibility_timeout / 3
         ticks = 0
-        while not self._stopping:
+        while not (self._stopping and not self._held):
             try:
-                await self._announce()
                 await self._refresh_held()
-                if self._free_items() > 0:
-                    await self._reclaim()
-                if ticks % 30 == 29:
-                    await self._forget_stale_consumers()
+                if not self._stopping:  # a leaving worker only keeps what it holds
+                    await self._announce()
+                    if self._free_items() > 0:
+                        await self._reclaim()
+                    if ticks % 30 == 29:
+                        await self._forget_stale_consumers()
             except UNREACHABLE as error:
                 await self._redis_lost(error)
             except ResponseError as error:
                 await self._group_lost(error)
             ticks += 1
-            if not self._stopping:
-                self._upkeep_now.clear()
-                await _wait(self._upkeep_now, period)
+            self._upkeep_now.clear()
+            await _wait(self._upkeep_now, period)
 
     async def _refresh_held(self) -> None:
         held = list(self._held)
@@ -380,9 +383,11 @@ class StreamWorker:
         self._connected = True
 
     async def _group_lost(self, error: ResponseError) -> None:
-        """Redis restarted empty (no group): create the group again."""
+        """Redis restarted empty (no group): create the group again.  Other errors are logged."""
         if "NOGROUP" not in str(error):
-            raise error
+            log.error("Redis refused a command on %s: %s", self.keys.requests, error)
+            await asyncio.sleep(1.0)
+            return
         try:
             await ensure_group(self.redis, self.keys.requests)
             self._upkeep_now.set()  # Redis lost our lease too
