@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: run test soak bench bench-compare bench-process venv system-deps clean
+.PHONY: run test soak bench bench-compare bench-process bench-generation venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-compare: venv
 bench-process: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_process.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pss.py
+
+# n=3 vs n=1 latency, 8 clients vs one at a time, GGUF dequantize vs cached load (issue 5)
+bench-generation: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

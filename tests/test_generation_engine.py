@@ -11,7 +11,7 @@ import asyncio
 import pytest
 import torch
 
-from batchserve.errors import InputError, OverloadedError
+from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams, load_causal_lm
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
 
@@ -117,6 +117,15 @@ async def test_cancelled_request_leaves_the_batch(engine):
             await asyncio.sleep(0.01)
     result = await engine.submit(engine.encode("Hello"), SamplingParams(max_tokens=2, temperature=0), timeout=60).result()
     assert result.choices[0].tokens >= 1
+
+
+async def test_deadline_ends_a_running_request_and_frees_its_rows(engine):
+    request = engine.submit(engine.encode("Count to one hundred: 1, 2,"), SamplingParams(max_tokens=300, temperature=0), timeout=1.0)
+    with pytest.raises(DeadlineExceededError):
+        await request.result()
+    async with asyncio.timeout(30):
+        while engine.active_rows:
+            await asyncio.sleep(0.01)
 
 
 async def test_bounds(engine):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -118,6 +119,23 @@ def test_client_disconnecting_mid_stream_frees_its_rows(server, client):
         time.sleep(0.1)
     assert engine_state(client)["active_rows"] == 0
     assert complete(client, prompt="Hi", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
+
+
+def test_client_giving_up_on_a_plain_request_frees_its_rows(server, client):
+    body = {"prompt": "Count from one to a thousand: one, two,", "n": 3, "max_tokens": 300, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=8) as impatient, ThreadPoolExecutor(1) as pool:
+        gives_up = pool.submit(impatient.post, "/v1/completions", json=body)
+        seen = 0
+        while not gives_up.done():
+            seen = max(seen, engine_state(client)["active_rows"])
+            time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            gives_up.result()
+    assert seen == 3  # its three rows were decoding while the client waited
+    deadline = time.monotonic() + 60
+    while engine_state(client)["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine_state(client)["active_rows"] == 0
 
 
 def test_openai_client(server):
