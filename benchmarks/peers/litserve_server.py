@@ -22,7 +22,7 @@ class EmbeddingAPI(ls.LitAPI):
         return texts_of(request)[0]
 
     def predict(self, texts: list[str]) -> list:
-        return list(self.encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True))
+        return list(self.encoder.encode(texts, convert_to_numpy=True))  # as users write it: sentence-transformers batches by 32
 
     def encode_response(self, vector) -> dict:
         return {

@@ -19,7 +19,7 @@ def build_app() -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         texts = texts_of(await request.json())
-        vectors = encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+        vectors = encoder.encode(texts, convert_to_numpy=True)
         return Response(openai_answer(vectors), media_type="application/json")
 
     @app.get("/readyz")

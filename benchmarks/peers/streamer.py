@@ -26,7 +26,7 @@ def build_app() -> FastAPI:
     encoder = load_encoder()
 
     def predict(batch: list[str]) -> list:
-        return list(encoder.encode(batch, batch_size=len(batch), convert_to_numpy=True))
+        return list(encoder.encode(batch, convert_to_numpy=True))  # as users write it: sentence-transformers batches by 32
 
     streamer = ThreadedStreamer(predict, batch_size=BATCH_SIZE, max_latency=MAX_LATENCY)
 
