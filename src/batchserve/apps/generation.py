@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
@@ -141,7 +141,7 @@ class AutocompleteRequest(BaseModel):
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=lambda: ["\n\n"], max_length=4)
+    stop: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=lambda: ["\n\n"], max_length=4)
 
 
 def build_router(runtime: GenerationRuntime, settings: Settings) -> APIRouter:

@@ -23,6 +23,7 @@ from batchserve.server.responses import dumps
 
 MAX_PROMPTS = 32
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 DONE = b"data: [DONE]\n\n"
 
 
@@ -61,8 +62,8 @@ class CompletionRequest(BaseModel):
     @classmethod
     def check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOPS or any(not stop for stop in stops):
-            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return value
 
     @property

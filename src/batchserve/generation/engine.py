@@ -235,26 +235,27 @@ class GenerationEngine:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """One forward pass over the new prompts (left-padded), then n rows per prompt."""
-        try:
+        try:  # a failure here fails only the newcomers; the running batch goes on
             logits, prompts = self._forward_prompts([r.prompt_ids for r in requests])
+            repeat = [index for index, request in enumerate(requests) for _ in range(request.n)]
+            prompts.select(repeat)
+            rows = [
+                Row(
+                    request=request,
+                    choice=choice,
+                    generator=row_generator(request.params.seed, choice),
+                    decoder=IncrementalDecoder(self.tokenizer),
+                    stops=StopMatcher(request.params.stop),
+                    length=len(request.prompt_ids),
+                )
+                for request in requests
+                for choice in range(request.n)
+            ]
         except Exception as error:
+            log.exception("prefill failed")
             for request in requests:
                 request.emit(error_for(error))
             return
-        repeat = [index for index, request in enumerate(requests) for _ in range(request.n)]
-        prompts.select(repeat)
-        rows = [
-            Row(
-                request=request,
-                choice=choice,
-                generator=row_generator(request.params.seed, choice),
-                decoder=IncrementalDecoder(self.tokenizer),
-                stops=StopMatcher(request.params.stop),
-                length=len(request.prompt_ids),
-            )
-            for request in requests
-            for choice in range(request.n)
-        ]
         if self._cache is None or not self._rows:
             self._cache = prompts
         else:

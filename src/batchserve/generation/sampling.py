@@ -8,6 +8,9 @@ import numpy as np
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures this low are argmax (dividing by them overflows)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's choices are drawn.  ``temperature == 0`` is greedy decoding."""
@@ -22,7 +25,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def row_generator(seed: int | None, choice: int) -> torch.Generator:
@@ -31,7 +34,8 @@ def row_generator(seed: int | None, choice: int) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(int(np.random.SeedSequence([seed, choice]).generate_state(1, np.uint64)[0]))
+        entropy = [seed & (2**64 - 1), seed >> 64 & (2**64 - 1), choice]  # any int, negative included
+        generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
     return generator
 
 
