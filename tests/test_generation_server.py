@@ -170,6 +170,14 @@ def test_infill_fills_the_mask(client):
     assert body["fills"][0]["candidates"][0]["fill"] == "little"
 
 
+def test_metrics_count_generated_tokens(client):
+    complete(client, prompt="Hello", max_tokens=2, temperature=0)
+    metrics = client.get("/metrics").text
+    tokens = [line for line in metrics.splitlines() if line.startswith("batchserve_generation_tokens_total ")]
+    assert tokens and float(tokens[0].split()[1]) >= 2
+    assert "batchserve_generation_active_rows" in metrics
+
+
 def test_editor_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

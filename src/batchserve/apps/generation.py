@@ -36,6 +36,7 @@ class GenerationRuntime:
         self.load_info: dict[str, Any] = {}
         self._loading: asyncio.Future | None = None
         self._users = 0
+        self.collector = GenerationCollector(self)
 
     async def start(self) -> None:
         self._users += 1
@@ -90,12 +91,35 @@ def runtime_for(settings: Settings) -> GenerationRuntime:
     return _runtimes[key]
 
 
+class GenerationCollector:
+    """Prometheus figures of the generation engine, read at scrape time."""
+
+    def __init__(self, runtime: "GenerationRuntime"):
+        self.runtime = runtime
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self.runtime.engine
+        figures = engine.describe() if engine is not None else {}
+        rows = GaugeMetricFamily("batchserve_generation_active_rows", "Sequences in the running batch")
+        waiting = GaugeMetricFamily("batchserve_generation_waiting_requests", "Requests waiting for rows")
+        steps = CounterMetricFamily("batchserve_generation_steps", "Engine steps (prefill and/or decode)")
+        tokens = CounterMetricFamily("batchserve_generation_tokens", "Tokens generated")
+        rows.add_metric([], figures.get("active_rows", 0))
+        waiting.add_metric([], figures.get("waiting_requests", 0))
+        steps.add_metric([], figures.get("steps", 0))
+        tokens.add_metric([], figures.get("tokens_generated", 0))
+        yield from (rows, waiting, steps, tokens)
+
+
 class GenerationService(Service):
     """A service whose engine is a :class:`GenerationRuntime` rather than batchers."""
 
     def __init__(self, name: str, router: APIRouter, runtime: GenerationRuntime):
         super().__init__(name, router)
         self.runtime = runtime
+        self.collectors = [runtime.collector]  # the same object for every service of one runtime
 
     async def start(self) -> None:
         await self.runtime.start()

@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     _add_health_routes(app, services)
     if settings.metrics:
         metrics = Metrics(lambda: [b for s in services for b in s.batchers.values()])
+        for collector in {id(c): c for s in services for c in getattr(s, "collectors", ())}.values():
+            metrics.registry.register(collector)  # engines that are not batchers (generation)
         app.state.errors_total = metrics.errors_total
         _add_metrics_route(app, metrics)
         app.include_router(dashboard.build_router(metrics, lambda: [b for s in services for b in s.batchers.values()]))
