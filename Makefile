@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: run test soak bench bench-compare bench-process bench-generation venv system-deps clean
+.PHONY: run test soak bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-process: venv
 # n=3 vs n=1 latency, 8 clients vs one at a time, GGUF dequantize vs cached load (issue 5)
 bench-generation: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_generation.py
+
+# redis mode (one worker host x 2, two hosts x 1) vs the process backend, 2 workers each (issue 4)
+bench-redis: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
