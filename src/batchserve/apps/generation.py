@@ -49,7 +49,7 @@ class GenerationRuntime:
             import torch
 
             torch.set_num_threads(self.settings.generation_threads)  # process-wide: every torch model here
-        loaded = load_causal_lm(self.settings.generation_model, self.settings.generation_cache_dir)
+        loaded = load_causal_lm(self.settings.generation_model, self.settings.generation_cache_dir, device=_device())
         limits = EngineLimits(max_rows=self.settings.generation_max_rows, max_waiting_rows=self.settings.max_queue_size)
         engine = GenerationEngine(loaded.model, loaded.tokenizer, limits, name=loaded.name)
         engine.start()
@@ -78,6 +78,12 @@ class GenerationRuntime:
     def describe(self) -> dict[str, Any]:
         engine = self.engine.describe() if self.engine is not None else {}
         return {**engine, **self.load_info}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 _runtimes: dict[tuple, GenerationRuntime] = {}

@@ -41,7 +41,7 @@ def row_generator(seed: int | None, choice: int) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """One next token per row of ``logits`` ``[rows, vocab]``, each row with its own parameters."""
-    logits = logits.float()
+    logits = logits.float().cpu()  # [rows, vocab]: small next to a forward pass, and the generators are CPU ones
     tokens = logits.argmax(dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
