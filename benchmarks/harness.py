@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,9 @@ class Server:
 
     def __enter__(self) -> "Server":
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(self.command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(  # own process group: stop() reaches its workers too
+                self.command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -74,14 +77,25 @@ class Server:
         raise TimeoutError(f"{self.name} not ready after {self.ready_timeout:g} s; see {self.log}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Terminate the server and every process it started (peers fork workers), then reap."""
+        if self.process is None:
             return
-        self.process.terminate()
+        group = self.process.pid
+        _signal_group(group, signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        time.sleep(0.5)
+        _signal_group(group, signal.SIGKILL)  # whatever ignored SIGTERM
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def drive(url: str, concurrency: int, duration: float, warmup: float = 2.0, path: str = "/v1/embeddings") -> dict:
