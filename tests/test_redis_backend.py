@@ -193,7 +193,6 @@ def test_password_url_no_worker_and_hostile_entries(password_redis, start_worker
     worker = start_worker("--redis-url", url, "--model", "tests.fakes:double", "--prefix", "secure")
     client = password_redis.client(db=3)
     wait_for_workers(client, "double", 1, prefix="secure", timeout=60)
-    time.sleep(1.5)  # the front counts live workers every second
     answer = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [1, 2]}, timeout=30)
     assert answer.json() == {"outputs": [2, 4]}
 

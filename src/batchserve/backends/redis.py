@@ -225,7 +225,7 @@ class RedisBackend(Backend):
     async def run(self, batch: list) -> list:
         if not self.connected or self._redis is None:
             raise NotReadyError("Redis is unreachable; retry shortly")
-        if self.live_workers == 0:
+        if self.live_workers == 0 and await self._count_workers() == 0:
             raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
         loop = asyncio.get_running_loop()
         deadline = batch_deadline.get() or loop.time() + self.default_timeout
@@ -295,10 +295,18 @@ class RedisBackend(Backend):
         future.set_result(outputs)
 
     async def _count_workers_now_and_then(self) -> None:
-        now = time.time()
-        if now - self._workers_checked >= WORKERS_CHECK_PERIOD:
-            self.live_workers = await self._redis.zcount(self.keys.workers, now, "+inf")
-            self._workers_checked = now
+        if time.time() - self._workers_checked >= WORKERS_CHECK_PERIOD:
+            self.live_workers = await self._redis.zcount(self.keys.workers, time.time(), "+inf")
+            self._workers_checked = time.time()
+
+    async def _count_workers(self) -> int:
+        """Count live workers now (while none were seen: a worker may have just come up)."""
+        try:
+            self.live_workers = await self._redis.zcount(self.keys.workers, time.time(), "+inf")
+        except UNREACHABLE as error:
+            self._lost(error)
+            raise NotReadyError("Redis is unreachable; retry shortly") from None
+        return self.live_workers
 
     async def _reconnect(self) -> bool:
         """One attempt to reach Redis and set up the stream; True when it worked."""
