@@ -91,3 +91,9 @@ def fixed_cost(batch: list) -> list:
     """100 ms per batch whatever its size: capacity is max_batch_size / 0.1 requests per second."""
     time.sleep(0.1)
     return list(batch)
+
+
+def sluggish(batch: list) -> list:
+    """Two seconds per batch: a queue that stays full long enough to observe on a busy machine."""
+    time.sleep(2.0)
+    return list(batch)

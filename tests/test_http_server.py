@@ -102,14 +102,15 @@ def test_health_ready_metrics_docs(models_server):
 
 
 async def test_overload_is_503_fast_and_deadline_is_504(start_server):
-    server = start_server("--model", "tests.fakes:slow", "--max-batch-size", "1", "--max-queue-size", "2")
+    server = start_server("--model", "tests.fakes:sluggish", "--max-batch-size", "1", "--max-queue-size", "2")
+    path = "/models/sluggish/predict"
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        filling = [asyncio.ensure_future(client.post("/models/slow/predict", json={"inputs": [i]})) for i in range(3)]
-        await _until_queue_depth(client, "slow", 2)  # one running, two queued: the queue is full
+        filling = [asyncio.ensure_future(client.post(path, json={"inputs": [i]})) for i in range(3)]
+        await _until_queue_depth(client, "sluggish", 2)  # one running, two queued: the queue is full
         timings = []
         for _ in range(5):
             started = time.perf_counter()
-            refused = await client.post("/models/slow/predict", json={"inputs": [9]})
+            refused = await client.post(path, json={"inputs": [9]})
             timings.append(time.perf_counter() - started)
             assert refused.status_code == 503
             assert int(refused.headers["Retry-After"]) >= 1
@@ -117,9 +118,9 @@ async def test_overload_is_503_fast_and_deadline_is_504(start_server):
         assert sorted(timings)[2] < 0.05  # median well within 50 ms on a shared machine
         assert all(reply.status_code == 200 for reply in await asyncio.gather(*filling))
         started = time.perf_counter()
-        late = await client.post("/models/slow/predict", json={"inputs": [1]}, headers={"X-Request-Timeout": "0.2"})
+        late = await client.post(path, json={"inputs": [1]}, headers={"X-Request-Timeout": "0.2"})
         assert late.status_code == 504 and late.json()["error"]["type"] == "deadline"
-        assert time.perf_counter() - started < 0.45
+        assert time.perf_counter() - started < 1.0
 
 
 async def _until_queue_depth(client: httpx.AsyncClient, model: str, depth: int, within: float = 10.0) -> None:
