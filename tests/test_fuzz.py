@@ -81,3 +81,18 @@ def test_unknown_routes_and_methods_are_json(fuzz_server):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
     wrong_method = httpx.get(f"{fuzz_server.url}/v1/embeddings")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
+
+
+GENERATION_APPS = ["generation", "infill"]
+generation_schema = schemathesis.openapi.from_dict(
+    create_app(Settings(apps=GENERATION_APPS)).openapi()
+).include(path_regex="completions|autocomplete|infill")
+
+
+@generation_schema.parametrize()
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generation_endpoints_have_no_server_errors(case, generation_server):
+    response = case.call(base_url=generation_server.url, timeout=180)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
