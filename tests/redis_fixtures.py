@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, terminate
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
@@ -76,13 +76,7 @@ class WorkerProcess:
 
     def stop(self) -> str:
         """Stop the worker (again: no-op); return what it printed."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self.output is None:
             self.output = self.process.stdout.read().decode(errors="replace")
             self.process.stdout.close()
