@@ -110,7 +110,8 @@ def main() -> int:
     front_growth, workers_growth = growth(front_warm, front_end), growth(workers_warm, workers_end)
     answered = sum(count for status, count in figures["statuses"].items() if status.isdigit())
     hung = figures["statuses"].get("hung", 0)
-    failed = [s for s in figures["statuses"] if s != "200"]
+    # a clear error before the deadline (503 overload, 504 deadline) is an answer; anything else fails
+    failed = [s for s in figures["statuses"] if s not in ("200", "503", "504")]
     ok = hung == 0 and not failed and abs(front_growth) <= 0.10 and abs(workers_growth) <= 0.10
     row = [
         now_utc(), f"{args.seconds:.0f} s, {args.clients} clients", ", ".join(figures["paths"]), answered, hung,

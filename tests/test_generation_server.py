@@ -184,3 +184,15 @@ def test_editor_page_is_served(client):
     assert '<textarea id="editor"' in page.text
     assert client.get("/editor/editor.js").status_code == 200
     assert client.get("/editor/nothing.js").status_code == 404
+
+
+def test_infill_answers_504_at_its_deadline(generation_server):
+    """One deadline covers every mask and every scoring step of an infill request."""
+    import time as clock
+
+    text = " ".join(f"word{i} [MASK]" for i in range(4)) + " end."
+    started = clock.monotonic()
+    reply = httpx.post(f"{generation_server.url}/infill", json={"text": text}, headers={"X-Request-Timeout": "0.3"},
+                       timeout=60)
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline"
+    assert clock.monotonic() - started < 3.0

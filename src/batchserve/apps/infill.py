@@ -8,14 +8,16 @@ that makes the whole sentence, text after the mask included, most probable wins.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency
 from batchserve.apps.generation import GenerationRuntime, GenerationService, cancel_on_disconnect, runtime_for
-from batchserve.errors import InputError
+from batchserve.errors import DeadlineExceededError, InputError
 from batchserve.generation import GenerationEngine, SamplingParams
 from batchserve.generation.scoring import next_token_texts, text_logprobs
 from batchserve.server.settings import Settings
@@ -53,21 +55,38 @@ def joined(prefix: str, fill: str, suffix: str) -> str:
     return prefix + fill + suffix
 
 
-async def fill_one(engine: GenerationEngine, request: Request, prefix: str, suffix: str, seed, timeout: float):
+def seconds_left(deadline: float) -> float:
+    """Time until the request's deadline (monotonic clock); past it, the caller gets 504."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("infill did not finish before the request's deadline")
+    return left
+
+
+async def before(deadline: float, awaitable):
+    """``awaitable``'s result, or a 504 at the deadline (a queued engine call is then skipped)."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds_left(deadline))
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError("infill did not finish before the request's deadline") from None
+
+
+async def fill_one(engine: GenerationEngine, request: Request, prefix: str, suffix: str, seed, deadline: float):
     """The best fill for the mask between ``prefix`` and ``suffix``, and every candidate's score."""
     context = prefix.rstrip() or "\n"
     prompt = engine.encode(context)
     sampled = engine.submit(
-        prompt, SamplingParams(max_tokens=SPAN_TOKENS, temperature=0.9, top_k=40, seed=seed), n=SAMPLES, timeout=timeout
+        prompt, SamplingParams(max_tokens=SPAN_TOKENS, temperature=0.9, top_k=40, seed=seed), n=SAMPLES,
+        timeout=seconds_left(deadline),
     )
-    next_tokens = await engine.call(next_token_texts, context, NEXT_TOKENS)
+    next_tokens = await before(deadline, engine.call(next_token_texts, context, NEXT_TOKENS))
     result = await cancel_on_disconnect(request, [sampled], sampled.result())
     fills = candidate_fills(next_tokens, [choice.text for choice in result.choices], suffix)
     if not fills:
         raise InputError("no candidate fill was found for the mask")
     separator = " " if prefix and not prefix[-1].isspace() else ""
     texts = [joined(prefix, separator + fill, suffix) for fill in fills]
-    scores = await engine.call(text_logprobs, texts)
+    scores = await before(deadline, engine.call(text_logprobs, texts))
     ranked = sorted(zip(fills, scores), key=lambda pair: -pair[1])
     return separator + ranked[0][0], ranked
 
@@ -84,9 +103,10 @@ def build_router(runtime: GenerationRuntime, settings: Settings) -> APIRouter:
         if len(parts) - 1 > MAX_MASKS:
             raise InputError(f"at most {MAX_MASKS} masks per text")
         engine = runtime.running_engine()
+        deadline = time.monotonic() + timeout  # one deadline for every mask and step
         text, fills = parts[0], []
         for index, suffix in enumerate(parts[1:]):
-            fill, ranked = await fill_one(engine, request, text, suffix, body.seed, timeout)
+            fill, ranked = await fill_one(engine, request, text, suffix, body.seed, deadline)
             text += fill + suffix
             fills.append(
                 {
