@@ -89,10 +89,16 @@ generation_schema = schemathesis.openapi.from_dict(
 ).include(path_regex="completions|autocomplete|infill")
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: boundary cases ask for thousands of tokens
 @generation_schema.parametrize()
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generation_endpoints_have_no_server_errors(case, generation_server):
+    """No 5xx but one: a valid request for more tokens than the CPU makes before the request's
+    deadline gets the clear 504 the deadline promises."""
     response = case.call(base_url=generation_server.url, timeout=180)
+    if response.status_code == 504:
+        assert response.json()["error"]["type"] == "deadline"
+        return
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
