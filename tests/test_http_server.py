@@ -106,17 +106,21 @@ async def test_overload_is_503_fast_and_deadline_is_504(start_server):
     path = "/models/sluggish/predict"
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         filling = [asyncio.ensure_future(client.post(path, json={"inputs": [i]})) for i in range(3)]
-        await _until_queue_depth(client, "sluggish", 2)  # one running, two queued: the queue is full
-        timings = []
-        for _ in range(5):
+        timings: list[float] = []  # probes refused while the queue is full
+        give_up = time.monotonic() + 15
+        while len(timings) < 5 and time.monotonic() < give_up:
             started = time.perf_counter()
-            refused = await client.post(path, json={"inputs": [9]})
-            timings.append(time.perf_counter() - started)
-            assert refused.status_code == 503
-            assert int(refused.headers["Retry-After"]) >= 1
-            assert refused.json()["error"]["type"] == "overloaded"
+            probe = await client.post(path, json={"inputs": [9]}, headers={"X-Request-Timeout": "0.05"})
+            if probe.status_code == 503:
+                timings.append(time.perf_counter() - started)
+                assert int(probe.headers["Retry-After"]) >= 1
+                assert probe.json()["error"]["type"] == "overloaded"
+            else:  # accepted before the queue filled: its deadline ends it quickly
+                assert probe.status_code == 504
+        assert len(timings) == 5, "the queue never filled"
         assert sorted(timings)[2] < 0.05  # median well within 50 ms on a shared machine
-        assert all(reply.status_code == 200 for reply in await asyncio.gather(*filling))
+        filled = [reply.status_code for reply in await asyncio.gather(*filling)]
+        assert set(filled) <= {200, 503} and 200 in filled  # a probe may have queued before a filler
         started = time.perf_counter()
         late = await client.post(path, json={"inputs": [1]}, headers={"X-Request-Timeout": "0.2"})
         assert late.status_code == 504 and late.json()["error"]["type"] == "deadline"
