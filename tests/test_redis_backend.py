@@ -82,7 +82,9 @@ def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
 
 def test_sigterm_worker_answers_what_it_holds_and_leaves_the_rest(redis_server, start_worker, start_server):
     url = redis_server.url()
-    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "2")
+    # 5 s: long enough that a CI stall is not taken for a dead worker; an entry the leaving
+    # worker left pending would still be reclaimed (and logged) before the load ends
+    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "5")
     leaving = start_worker(*worker_args)
     staying = start_worker(*worker_args)
     wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)

@@ -7,8 +7,8 @@ idle-aware wait, at most ``max_latency``), and a busy worker leaves entries to t
 
 An entry's life (see :mod:`batchserve.backends.redis` for the keys and fields):
 
-1. read (``XREADGROUP``), or reclaimed (``XAUTOCLAIM``) from a consumer idle longer than
-   the visibility timeout: a worker that died.  A worker refreshes the entries it holds
+1. read (``XREADGROUP``), or reclaimed (``XPENDING`` + ``XCLAIM``) from another consumer
+   idle longer than the visibility timeout: a worker that died.  A worker refreshes the entries it holds
    (``XCLAIM`` JUSTID) every third of the timeout, so a long batch is never stolen.
 2. decoded (:mod:`batchserve.wire`, never pickle).  A malformed entry is answered with an
    error when it names a reply stream of this model, and acked either way.
@@ -137,7 +137,6 @@ class StreamWorker:
         self._outbox_ready = asyncio.Event()
         self._room = asyncio.Event()
         self._upkeep_now = asyncio.Event()  # set: renew the lease now (Redis came back)
-        self._claim_cursor = "0-0"
         self._tasks: list[asyncio.Task] = []
         self._connected = True
         self._stopping = False
@@ -299,19 +298,27 @@ class StreamWorker:
             await self.redis.xclaim(self.keys.requests, GROUP, self.consumer, 0, held, justid=True)
 
     async def _reclaim(self) -> None:
-        """Take entries left pending by a consumer idle past the visibility timeout."""
-        next_cursor, claimed, _deleted = await self.redis.xautoclaim(
-            self.keys.requests,
-            GROUP,
-            self.consumer,
-            min_idle_time=int(self.visibility_timeout * 1000),
-            start_id=self._claim_cursor,
-            count=self.batcher.max_batch_size,
+        """Take entries left pending by another consumer idle past the visibility timeout.
+
+        XPENDING (not XAUTOCLAIM) so that a worker never claims its own entries: when its
+        loop stalls longer than the timeout, an own entry looks idle, and claiming it would
+        count a delivery as if a worker had died.
+        """
+        idle_ms = int(self.visibility_timeout * 1000)
+        pending = await self.redis.xpending_range(
+            self.keys.requests, GROUP, min="-", max="+",
+            count=self.batcher.max_batch_size + len(self._held), idle=idle_ms,
         )
-        self._claim_cursor = next_cursor
-        if not claimed:
+        deliveries = {
+            row["message_id"]: row["times_delivered"] + 1  # XCLAIM counts one more
+            for row in pending
+            if _text(row["consumer"]) != self.consumer
+        }
+        if not deliveries:
             return
-        deliveries = await self._deliveries([entry_id for entry_id, _ in claimed])
+        claimed = await self.redis.xclaim(self.keys.requests, GROUP, self.consumer, idle_ms, list(deliveries))
+        if not claimed:
+            return  # another worker was first, or the entries were deleted
         log.warning("reclaimed %d entries from a worker idle over %gs", len(claimed), self.visibility_timeout)
         for entry_id, fields in claimed:
             if deliveries.get(entry_id, 0) >= MAX_DELIVERIES:
@@ -323,19 +330,11 @@ class StreamWorker:
             elif fields:
                 self._accept(entry_id, fields)
 
-    async def _deliveries(self, entry_ids: list[bytes]) -> dict[bytes, int]:
-        pending = await self.redis.xpending_range(
-            self.keys.requests, GROUP, min=min(entry_ids), max=max(entry_ids),
-            count=len(entry_ids) + 100, consumername=self.consumer,
-        )
-        return {row["message_id"]: row["times_delivered"] for row in pending}
-
     async def _forget_stale_consumers(self) -> None:
         """Remove consumers of dead workers once they hold nothing."""
         stale_ms = STALE_CONSUMER_TIMEOUTS * self.visibility_timeout * 1000
         for consumer in await self.redis.xinfo_consumers(self.keys.requests, GROUP):
-            name = consumer["name"]
-            name = name.decode() if isinstance(name, bytes) else name
+            name = _text(consumer["name"])
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > stale_ms:
                 await self.redis.xgroup_delconsumer(self.keys.requests, GROUP, name)
 
@@ -393,6 +392,10 @@ class StreamWorker:
             self._upkeep_now.set()  # Redis lost our lease too
         except UNREACHABLE as unreachable:
             await self._redis_lost(unreachable)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _finish(task: asyncio.Task, timeout: float) -> None:
