@@ -19,8 +19,8 @@ import sys
 
 import numpy as np
 from harness import (
-    PEERS, LoadAverage, RawEncoder, Server, append_results, drive, errors, latency, machine, markdown_table,
-    mean_batch, merge_rounds, now_utc,
+    PEERS, LoadAverage, RawEncoder, Server, drive, errors, latency, machine, markdown_table, mean_batch,
+    merge_rounds, now_utc, publish,
 )
 
 THROUGHPUT_TARGET = 0.85  # batchserve at c=64 / raw batch-64
@@ -109,11 +109,8 @@ def main() -> None:
     verdict = targets(figures)
     defaults = args.duration == 12 and args.rounds == 3
     command = "make bench" + ("" if defaults else f"  # benchmarks/bench_core.py --duration {args.duration:g} --rounds {args.rounds}")
-    text = section(figures, verdict, command, args.duration, args.rounds, load)
-    print(text)
+    publish(section(figures, verdict, command, args.duration, args.rounds, load), write=not args.no_write)
     print(json.dumps(verdict))
-    if not args.no_write:
-        append_results(text)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
 import time
 
 import httpx
-from harness import Server, append_results, machine, markdown_table, now_utc
+from harness import LoadAverage, Server, machine, markdown_table, now_utc, publish
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 N_RATIO_TARGET = 1.3
@@ -86,7 +85,7 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true", help="do not measure the GGUF conversion")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()[0]
+    load_average = LoadAverage()
     load = None if args.skip_load else measure_load()
     command = [
         sys.executable, "-m", "batchserve.cli", "serve", "--app", "generation",
@@ -100,7 +99,6 @@ def main() -> None:
         alone = asyncio.run(clients_throughput(server.url, 1, sequential_requests, args.max_tokens))
         print(f"{args.clients} concurrent clients ...", file=sys.stderr)
         together = asyncio.run(clients_throughput(server.url, args.clients, args.requests_each, args.max_tokens))
-    load_after = os.getloadavg()[0]
 
     n_ratio = latency[3] / latency[1]
     speedup = together["tokens_per_s"] / alone["tokens_per_s"]
@@ -125,15 +123,14 @@ def main() -> None:
         "",
         f"- command: `{' '.join(['python benchmarks/bench_generation.py', *sys.argv[1:]])}`",
         f"- machine: {machine()} (shared with other jobs while measured: compare rows of this table only); "
-        f"load average {load_before:.1f} before, {load_after:.1f} after",
+        f"{load_average.line()}",
         f"- server: `batchserve serve --app generation --generation-threads {args.threads}` (SmolLM2-135M-Instruct, "
         f"float32); prompt of {len(PROMPT.split())} words, max_tokens {args.max_tokens}, temperature 1, "
         f"ignore_eos; latency: median of {args.repeats} alternating pairs",
         "",
         markdown_table(["what", "figure", "ratio", "target"], rows),
     ])
-    append_results(section)
-    print(section)
+    publish(section)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ The figures, with ratios to the thread backend, go to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from harness import Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch, now_utc
+from harness import LoadAverage, Server, drive, errors, latency, machine, markdown_table, mean_batch, now_utc, publish
 
 CONFIGS = {  # name -> extra `batchserve serve` arguments
     "thread": ["--backend", "thread"],
@@ -48,7 +47,7 @@ def section(figures: dict, load: str, command: str, duration: float) -> str:
 ## Process backend vs thread backend, /v1/embeddings — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()} (shared with other jobs while measured: compare rows of this table only); load average {load}
+- machine: {machine()} (shared with other jobs while measured: compare rows of this table only); {load}
 - servers: `batchserve serve --app embeddings --max-batch-size 64` with `--backend thread`,
   `--backend process --workers 1`, `--backend process --workers 2`; load: `batchserve bench` in a
   separate process on loopback, one sentence per request, {duration:g} s per point after a 2 s warm-up
@@ -62,14 +61,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+    load = LoadAverage()
     figures = measure(args.duration)
-    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)"
     command = "python benchmarks/bench_process.py" + (f" --duration {args.duration:g}" if args.duration != 10 else "")
-    text = section(figures, load, command, args.duration)
-    print(text)
-    if not args.no_write:
-        append_results(text)
+    publish(section(figures, load.line(), command, args.duration), write=not args.no_write)
 
 
 if __name__ == "__main__":

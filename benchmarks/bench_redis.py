@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from harness import ENV, ROOT, Server, append_results, drive, errors, free_port, latency, machine, markdown_table, now_utc
+from harness import ENV, ROOT, LoadAverage, Server, drive, errors, free_port, latency, machine, markdown_table, now_utc, publish
 
 TARGET = 0.90
 WORKERS = 2
@@ -127,7 +126,7 @@ def median_summary(summaries: list[dict]) -> dict:
     return ordered[len(ordered) // 2]
 
 
-def section(figures: dict, command: str, duration: float, rounds: int, load: tuple[float, float]) -> tuple[str, dict]:
+def section(figures: dict, command: str, duration: float, rounds: int, load: LoadAverage) -> tuple[str, dict]:
     medians = {name: {c: median_summary(runs) for c, runs in points.items()} for name, points in figures.items()}
     base = medians["process, 2 workers"][64]["throughput"]
     ratios = {name: points[64]["throughput"] / base for name, points in medians.items()}
@@ -152,7 +151,7 @@ def section(figures: dict, command: str, duration: float, rounds: int, load: tup
 ## Redis mode vs process backend — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()}; load average {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} cores)
+- machine: {machine()}; {load.line()}
 - everything on this machine: the three setups run side by side (one redis-server, prefixes
   `one` and `two`), and the c=64 points alternate between them over {rounds} rounds (median shown),
   so background load hits all of them alike; every model process has cores // {WORKERS} torch
@@ -172,15 +171,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="c=64 measurements per system, interleaved")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+    load = LoadAverage()
     figures = measure(args.duration, args.rounds)
-    load_after = os.getloadavg()[0]
     command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_redis.py --duration {args.duration:g} --rounds {args.rounds}"
-    text, ratios = section(figures, command, args.duration, args.rounds, (load_before, load_after))
-    print(text)
+    text, ratios = section(figures, command, args.duration, args.rounds, load)
+    publish(text, write=not args.no_write)
     print(json.dumps(ratios))
-    if not args.no_write:
-        append_results(text)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,13 @@ class LoadAverage:
         return f"load average {self.before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
 
 
+def publish(text: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless told not to, append it to RESULTS.md."""
+    print(text)
+    if write:
+        append_results(text)
+
+
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

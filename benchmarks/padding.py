@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from harness import LoadAverage, RawEncoder, append_results, machine, markdown_table, now_utc
+from harness import LoadAverage, RawEncoder, machine, markdown_table, now_utc, publish
 
 BATCH = 64
 
@@ -54,8 +54,7 @@ def main() -> None:
 
 {table}
 """
-    print(text)
-    append_results(text)
+    publish(text)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ most 1.5x the memory of 1.  The table goes to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import httpx
-from harness import Server, append_results, drive, machine, markdown_table, now_utc
+from harness import LoadAverage, Server, drive, machine, markdown_table, now_utc, publish
 
 from batchserve.procinfo import descendants, pss_bytes
 
@@ -64,7 +63,7 @@ def section(figures: dict, load: str, command: str, warmup: float) -> str:
 ## Process backend memory (PSS) — {now_utc()}
 
 - command: `{command}`
-- machine: {machine()} (shared with other jobs while measured); load average {load}
+- machine: {machine()} (shared with other jobs while measured); {load}
 - each server: `batchserve serve --app embeddings ...` (all-MiniLM-L6-v2), warmed up by `batchserve bench`
   (c=16, {warmup:g} s), then PSS summed over the server and its worker processes from
   `/proc/PID/smaps_rollup` (the lowest of 3 readings)
@@ -80,17 +79,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of load before measuring")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+    load = LoadAverage()
     figures = {}
     for name, extra in CONFIGS.items():
         print(f"{name} ...", file=sys.stderr)
         figures[name] = measure(name, extra, args.warmup)
-    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)"
     command = "python benchmarks/pss.py" + (f" --warmup {args.warmup:g}" if args.warmup != 10.0 else "")
-    text = section(figures, load, command, args.warmup)
-    print(text)
-    if not args.no_write:
-        append_results(text)
+    publish(section(figures, load.line(), command, args.warmup), write=not args.no_write)
 
 
 if __name__ == "__main__":

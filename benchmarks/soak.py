@@ -1,7 +1,7 @@
 """Soak: mixed traffic on every app for up to 10 minutes (`make soak`).
 
 Checks that the front's and the workers' RSS at the end are within 10 % of their value
-after warm-up, and that no request hung (each has a deadline; a client timeout past it
+after warm-up (sampled every 30 s in between, for the record), and that no request hung (each has a deadline; a client timeout past it
 counts as hung). Appends a summary row to benchmarks/RESULTS.md; exits 1 on a failure.
 
     python benchmarks/soak.py [--seconds 480] [--clients 8]
@@ -21,9 +21,10 @@ import orjson
 
 from batchserve.bench.bodies import TEMPLATES, sentences
 from batchserve.procinfo import descendants
-from harness import Server, append_results, machine, markdown_table, now_utc
+from harness import Server, machine, markdown_table, now_utc, publish
 
 DEADLINE = 30.0
+SAMPLE_EVERY = 30.0  # seconds between RSS samples after warm-up
 ENDPOINTS = {  # path in the server's OpenAPI spec → body template
     "/v1/embeddings": "embeddings",
     "/cluster": "cluster",
@@ -82,14 +83,20 @@ async def soak(url: str, pid: int, seconds: float, clients: int) -> dict:
                 except httpx.HTTPError as error:
                     statuses[type(error).__name__] += 1
 
-        async def sample_after_warm_up() -> None:
-            nonlocal after_warm_up
-            await asyncio.sleep(max(0.0, warm_up_end - time.monotonic()))
-            after_warm_up = memory(pid)
+        trace: list[tuple[float, int, int]] = []  # (seconds since start, front RSS, workers RSS)
 
-        await asyncio.gather(sample_after_warm_up(), *(caller() for _ in range(clients)))
+        async def sample_memory() -> None:
+            nonlocal after_warm_up
+            started = time.monotonic()
+            await asyncio.sleep(max(0.0, warm_up_end - started))
+            after_warm_up = memory(pid)
+            while time.monotonic() < end:
+                trace.append((time.monotonic() - started, *memory(pid)))
+                await asyncio.sleep(min(SAMPLE_EVERY, max(0.0, end - time.monotonic())))
+
+        await asyncio.gather(sample_memory(), *(caller() for _ in range(clients)))
         at_end = memory(pid)
-    return {"paths": paths, "statuses": dict(statuses), "warm": after_warm_up, "end": at_end}
+    return {"paths": paths, "statuses": dict(statuses), "warm": after_warm_up, "end": at_end, "trace": trace}
 
 
 def growth(before: int, after: int) -> float:
@@ -123,10 +130,12 @@ def main() -> int:
     table = markdown_table(
         ["date", "run", "endpoints", "answered", "hung", "statuses", "front RSS", "workers RSS", "verdict"], [row]
     )
-    section = f"## Soak (`make soak`)\n\nMachine: {machine()}. Command: `python benchmarks/soak.py --seconds {args.seconds:g} --clients {args.clients}`\n\n{table}\n"
-    print(section)
-    if not args.no_write:
-        append_results(section)
+    trace = ", ".join(f"{t:.0f} s: {front / 2**20:.0f}/{workers / 2**20:.0f}" for t, front, workers in figures["trace"])
+    section = (
+        f"## Soak (`make soak`)\n\nMachine: {machine()}. Command: `python benchmarks/soak.py --seconds {args.seconds:g}"
+        f" --clients {args.clients}`\n\n{table}\nRSS every {SAMPLE_EVERY:g} s after warm-up (front/workers MiB): {trace}\n"
+    )
+    publish(section, write=not args.no_write)
     return 0 if ok else 1
 
 

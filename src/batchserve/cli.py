@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dynamic batching for model serving.")
+
+# options that `serve` and `worker` share, word for word
+MAX_BATCH_SIZE = typer.Option(64, min=1, help="most items in one batch")
+MAX_LATENCY = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item")
+LOG_LEVEL = typer.Option("warning", help="debug, info, warning or error")
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """A bad --app, --model or setting: one line on stderr and exit status 2, no traceback."""
+    try:
+        yield
+    except (ValueError, ImportError, AttributeError, TypeError) as error:
+        typer.echo(f"batchserve: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def model_settings(
+    app_names: list[str] | None, models: list[str] | None, devices: list[str] | None, threads_per_worker: int, **rest
+):
+    """Settings from the options of `serve` and `worker`: embeddings when neither --app nor --model."""
+    from batchserve.server.settings import Settings
+
+    return Settings(
+        apps=list(app_names or ([] if models else ["embeddings"])),
+        models=list(models or []),
+        devices=list(devices or ["cpu"]),
+        threads_per_worker=threads_per_worker or None,
+        **rest,
+    )
 
 
 @app.callback()
@@ -24,8 +55,8 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"),
     port: int = typer.Option(8000, help="port to bind"),
-    max_batch_size: int = typer.Option(64, min=1, help="most items in one batch"),
-    max_latency: float = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item"),
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_latency: float = MAX_LATENCY,
     max_queue_size: int = typer.Option(1024, min=1, help="queued items past which requests get 503"),
     timeout: float = typer.Option(30.0, min=0.001, help="default per-request deadline, seconds"),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="larger request bodies get 413"),
@@ -53,14 +84,14 @@ def serve(
     ),
     no_docs: bool = typer.Option(False, "--no-docs", help="do not serve /docs and /openapi.json"),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="do not serve /metrics"),
-    log_level: str = typer.Option("warning", help="debug, info, warning or error"),
+    log_level: str = LOG_LEVEL,
 ) -> None:
     """Serve models over HTTP."""
-    from batchserve.server.settings import Settings
-
-    settings = Settings(
-        apps=list(app_names or ([] if models else ["embeddings"])),
-        models=list(models or []),
+    settings = model_settings(
+        app_names,
+        models,
+        devices,
+        threads_per_worker,
         host=host,
         port=port,
         max_batch_size=max_batch_size,
@@ -70,8 +101,6 @@ def serve(
         max_body_bytes=max_body_bytes,
         backend=backend,
         workers=workers,
-        devices=list(devices or ["cpu"]),
-        threads_per_worker=threads_per_worker or None,
         max_batches_per_worker=max_batches_per_worker or None,
         http_workers=http_workers,
         redis_url=redis_url,
@@ -98,11 +127,8 @@ def run_server(settings) -> None:
     from batchserve.server.run import serve as serve_until_drained
 
     log_config = configure_logging(settings.log_level)
-    try:
+    with exit_on_user_error():
         application = create_app(settings)
-    except (ValueError, ImportError, AttributeError, TypeError) as error:
-        typer.echo(f"batchserve: {error}", err=True)
-        raise typer.Exit(2) from None
     serve_until_drained(application, settings, log_config)
 
 
@@ -113,11 +139,8 @@ def run_gunicorn(settings) -> None:
 
     from batchserve.apps import build_services
 
-    try:
+    with exit_on_user_error():
         build_services(settings)  # fail here, with a clear message, on a bad --app or --model
-    except (ValueError, ImportError, AttributeError, TypeError) as error:
-        typer.echo(f"batchserve: {error}", err=True)
-        raise typer.Exit(2) from None
     settings.to_env()
     command = [sys.executable, "-m", "gunicorn", "--config", "python:batchserve.server.gunicorn_config"]
     os.execv(sys.executable, command)
@@ -172,32 +195,28 @@ def worker(
     workers: int = typer.Option(1, min=1, help="model processes on this host (more than 1: supervised processes)"),
     devices: List[str] = typer.Option(None, "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
     threads_per_worker: int = typer.Option(0, min=0, help="torch threads per model process (0: cores // workers)"),
-    max_batch_size: int = typer.Option(64, min=1, help="most items in one batch"),
-    max_latency: float = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item"),
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_latency: float = MAX_LATENCY,
     visibility_timeout: float = typer.Option(10.0, min=0.1, help="seconds before a dead worker's requests are taken over"),
-    log_level: str = typer.Option("warning", help="debug, info, warning or error"),
+    log_level: str = LOG_LEVEL,
 ) -> None:
     """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
     from batchserve.backends.redis_worker import run_worker
-    from batchserve.server.settings import Settings
 
-    settings = Settings(
-        apps=list(app_names or ([] if models else ["embeddings"])),
-        models=list(models or []),
+    settings = model_settings(
+        app_names,
+        models,
+        devices,
+        threads_per_worker,
         max_batch_size=max_batch_size,
         max_latency=max_latency,
         max_queue_size=1_000_000,  # the stream is the queue; the worker reads only when it has room
         backend="process" if workers > 1 or devices or threads_per_worker else "thread",
         workers=workers,
-        devices=list(devices or ["cpu"]),
-        threads_per_worker=threads_per_worker or None,
         log_level=log_level,
     )
-    try:
+    with exit_on_user_error():
         run_worker(settings, redis_url, prefix=prefix, visibility_timeout=visibility_timeout)
-    except (ValueError, ImportError, AttributeError, TypeError) as error:
-        typer.echo(f"batchserve: {error}", err=True)
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
