@@ -1,8 +1,9 @@
 """Soak: mixed traffic on every app for up to 10 minutes (`make soak`).
 
 Checks that the front's and the workers' RSS at the end are within 10 % of their value
-after warm-up (sampled every 30 s in between, for the record), and that no request hung (each has a deadline; a client timeout past it
-counts as hung). Appends a summary row to benchmarks/RESULTS.md; exits 1 on a failure.
+after warm-up (both read with nothing in flight; sampled every 30 s under load, for the
+record), and that no request hung (each has a deadline; a client timeout past it counts
+as hung). Appends a summary row to benchmarks/RESULTS.md; exits 1 on a failure.
 
     python benchmarks/soak.py [--seconds 480] [--clients 8]
 """
@@ -24,7 +25,8 @@ from batchserve.procinfo import descendants
 from harness import Server, machine, markdown_table, now_utc, publish
 
 DEADLINE = 30.0
-SAMPLE_EVERY = 30.0  # seconds between RSS samples after warm-up
+SAMPLE_EVERY = 30.0  # seconds between RSS samples under load
+QUIET = 3.0  # seconds the server idles (nothing in flight) before an RSS reading
 ENDPOINTS = {  # path in the server's OpenAPI spec → body template
     "/v1/embeddings": "embeddings",
     "/cluster": "cluster",
@@ -60,17 +62,22 @@ def traffic(paths: list[str]) -> itertools.cycle:
 
 
 async def soak(url: str, pid: int, seconds: float, clients: int) -> dict:
+    """Warm up, let the server go quiet and read its RSS; load it for the rest of ``seconds``
+    (RSS sampled every 30 s); let it go quiet again and read its RSS at the end.
+
+    Both readings are taken with nothing in flight, so they compare what the server keeps
+    (a leak shows), not which requests happened to be running at that moment.
+    """
     async with httpx.AsyncClient(base_url=url, timeout=DEADLINE + 5) as client:
         spec = (await client.get("/openapi.json")).json()["paths"]
         paths = [path for path in ENDPOINTS if path in spec] + ["/models/echo/predict"]
         requests = traffic(paths)
         statuses: collections.Counter = collections.Counter()
-        end = time.monotonic() + seconds
-        warm_up_end = time.monotonic() + min(60.0, seconds * 0.2)
-        after_warm_up: tuple[int, int] | None = None
+        started = time.monotonic()
+        trace: list[tuple[float, int, int]] = []  # under load: (seconds since start, front RSS, workers RSS)
 
-        async def caller() -> None:
-            while time.monotonic() < end:
+        async def caller(until: float) -> None:
+            while time.monotonic() < until:
                 path, body = next(requests)
                 try:
                     reply = await client.post(
@@ -83,19 +90,18 @@ async def soak(url: str, pid: int, seconds: float, clients: int) -> dict:
                 except httpx.HTTPError as error:
                     statuses[type(error).__name__] += 1
 
-        trace: list[tuple[float, int, int]] = []  # (seconds since start, front RSS, workers RSS)
-
-        async def sample_memory() -> None:
-            nonlocal after_warm_up
-            started = time.monotonic()
-            await asyncio.sleep(max(0.0, warm_up_end - started))
-            after_warm_up = memory(pid)
-            while time.monotonic() < end:
+        async def sample_memory(until: float) -> None:
+            while time.monotonic() < until:
                 trace.append((time.monotonic() - started, *memory(pid)))
-                await asyncio.sleep(min(SAMPLE_EVERY, max(0.0, end - time.monotonic())))
+                await asyncio.sleep(min(SAMPLE_EVERY, max(0.0, until - time.monotonic())))
 
-        await asyncio.gather(sample_memory(), *(caller() for _ in range(clients)))
-        at_end = memory(pid)
+        async def load_then_quiet(until: float) -> tuple[int, int]:
+            await asyncio.gather(sample_memory(until), *(caller(until) for _ in range(clients)))
+            await asyncio.sleep(QUIET)
+            return memory(pid)
+
+        after_warm_up = await load_then_quiet(started + min(60.0, seconds * 0.2))
+        at_end = await load_then_quiet(started + seconds)
     return {"paths": paths, "statuses": dict(statuses), "warm": after_warm_up, "end": at_end, "trace": trace}
 
 
@@ -133,7 +139,8 @@ def main() -> int:
     trace = ", ".join(f"{t:.0f} s: {front / 2**20:.0f}/{workers / 2**20:.0f}" for t, front, workers in figures["trace"])
     section = (
         f"## Soak (`make soak`)\n\nMachine: {machine()}. Command: `python benchmarks/soak.py --seconds {args.seconds:g}"
-        f" --clients {args.clients}`\n\n{table}\nRSS every {SAMPLE_EVERY:g} s after warm-up (front/workers MiB): {trace}\n"
+        f" --clients {args.clients}`\n\n{table}\nRSS readings: after warm-up and at the end, each after {QUIET:g} s"
+        f" with nothing in flight; under load, every {SAMPLE_EVERY:g} s (front/workers MiB): {trace}\n"
     )
     publish(section, write=not args.no_write)
     return 0 if ok else 1

@@ -172,3 +172,21 @@ def test_stop_matcher_across_pieces():
     assert "".join(released) == "Hello ENough. "
     assert stopped
     assert released[0] == "Hello "  # "E" could start "END": held back
+
+
+def test_scoring_in_groups_gives_the_scores_of_one_pass(lm, monkeypatch):
+    from batchserve.generation import scoring
+
+    texts = ["twinkle twinkle little star.", "twinkle twinkle big star, how I wonder.", "twinkle star."]
+    one_pass = scoring.text_logprobs(lm.model, lm.tokenizer, texts)
+    vocabulary = lm.model.get_output_embeddings().weight.shape[0]
+    widths = [len(lm.tokenizer(text)["input_ids"]) for text in texts]
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 2 * max(widths) * vocabulary)  # two texts a group
+    encoded = [lm.tokenizer(text)["input_ids"] for text in texts]
+    assert [len(group) for group in scoring._groups(encoded, vocabulary)] == [2, 1]
+    grouped = scoring.text_logprobs(lm.model, lm.tokenizer, texts)
+    assert grouped == pytest.approx(one_pass, abs=1e-3)
+    ids = torch.tensor([encoded[2]])  # the shortest: padded in the one pass
+    with torch.inference_mode():
+        reference = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
+    assert one_pass[2] == pytest.approx(float(reference), abs=1e-3)  # padding changed nothing

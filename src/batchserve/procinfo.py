@@ -1,4 +1,5 @@
-"""Facts about running processes, read from Linux's ``/proc``: children and memory (PSS).
+"""Facts about running processes, read from Linux's ``/proc``: children and memory (PSS);
+and giving a process's free heap back to the system.
 
 PSS (proportional set size) charges each shared page to the processes sharing it in equal
 parts, so the PSS of a server's processes adds up to the memory they really use together:
@@ -7,6 +8,9 @@ the right figure for "N workers share one copy of the weights".
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 
 
@@ -60,3 +64,25 @@ def state(pid: int) -> str | None:
             return file.read().rpartition(")")[2].split()[0]
     except OSError:
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    library = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Return the free pages of the C heap to the system (glibc's ``malloc_trim``).
+
+    Tensors of ever-changing shapes (KV caches, logits) leave the heap fragmented, so freed
+    memory stays in the process's RSS until it is trimmed.  False where there is no glibc.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

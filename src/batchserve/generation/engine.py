@@ -10,6 +10,9 @@ Every loop iteration of the engine thread:
    left-padded cache), samples each row with its own parameters, streams the new text
    and retires finished rows.
 
+When nothing is left to run, the engine gives the heap its tensors freed back to the
+system (see :func:`batchserve.procinfo.release_free_heap`).
+
 The event loop only enqueues requests and reads events; it never waits on the model.
 """
 
@@ -31,8 +34,12 @@ from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
 from batchserve.generation.kv import RowCache
 from batchserve.generation.request import ChoiceDelta, GenerationRequest, error_for
 from batchserve.generation.sampling import SamplingParams, row_generator, sample
+from batchserve.procinfo import release_free_heap
 
 log = logging.getLogger("batchserve.generation")
+
+#: seconds between two returns of freed heap memory to the system (when the engine idles)
+RELEASE_EVERY = 1.0
 
 
 @dataclass
@@ -84,6 +91,7 @@ class GenerationEngine:
         self._stopping = False
         self.steps = 0
         self.tokens_generated = 0
+        self._released_at = -RELEASE_EVERY
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -199,7 +207,18 @@ class GenerationEngine:
             except Exception as error:  # a failed step fails the requests in it, the engine goes on
                 log.exception("generation step failed")
                 self._fail_everything(error)
+            self._release_memory_when_idle()
         self._fail_everything(RuntimeError("the generation engine stopped"))
+
+    def _release_memory_when_idle(self) -> None:
+        """Nothing left to run: drop the empty cache and give the freed heap back (at most once a second)."""
+        if self._rows or self._waiting or self._calls:
+            return
+        self._cache = None
+        now = time.monotonic()
+        if now - self._released_at >= RELEASE_EVERY:
+            self._released_at = now
+            release_free_heap()
 
     def _step(self) -> None:
         self._run_calls()

@@ -4,25 +4,51 @@ from __future__ import annotations
 
 import torch
 
+#: most logits (rows x tokens x vocabulary) one scoring pass may hold: 64 MiB of float32.
+#: Scoring 48 candidate fills of a long text at once would otherwise take gigabytes.
+LOGITS_BUDGET = 2**24
+
 
 def text_logprobs(model, tokenizer, texts: list[str]) -> list[float]:
     """Sum of ``log p(token | tokens before it)`` over each text (its first token is given).
 
-    Texts are right-padded into one batch; padding is masked out of attention and of the sum.
+    Texts go through the model in groups small enough that their logits stay within
+    :data:`LOGITS_BUDGET`; each group is right-padded, and padding is masked out of
+    attention and of the sum.
     """
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
-    width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    return [score for group in _groups(encoded, vocabulary) for score in _score_group(model, group, pad)]
+
+
+def _groups(encoded: list[list[int]], vocabulary: int) -> list[list[list[int]]]:
+    """Consecutive texts, as many per group as fit the budget (at least one)."""
+    groups: list[list[list[int]]] = []
+    group: list[list[int]] = []
+    for ids in encoded:
+        width = max([len(ids), *map(len, group)])
+        if group and (len(group) + 1) * width * vocabulary > LOGITS_BUDGET:
+            groups.append(group)
+            group = []
+        group.append(ids)
+    return groups + [group] if group else groups
+
+
+def _score_group(model, encoded: list[list[int]], pad: int) -> list[float]:
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, ids in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-    logprobs = logits[:, :-1].log_softmax(dim=-1).gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)
-    return (logprobs * mask[:, 1:]).sum(dim=1).tolist()
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        targets = input_ids[:, 1:].to(device)
+        # log_softmax at the targets only: no second vocabulary-sized tensor
+        logprobs = logits.gather(2, targets.unsqueeze(2)).squeeze(2) - logits.logsumexp(dim=-1)
+    return (logprobs.cpu() * mask[:, 1:]).sum(dim=1).tolist()
 
 
 def next_token_texts(model, tokenizer, text: str, k: int) -> list[str]:
