@@ -7,6 +7,7 @@ exactly the tokens ``generate()`` gives for their prompt alone.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -190,3 +191,20 @@ def test_scoring_in_groups_gives_the_scores_of_one_pass(lm, monkeypatch):
     with torch.inference_mode():
         reference = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
     assert one_pass[2] == pytest.approx(float(reference), abs=1e-3)  # padding changed nothing
+
+
+async def test_idle_engine_gives_freed_memory_back_once(engine, monkeypatch):
+    from batchserve.generation import engine as engine_module
+
+    releases = []
+    monkeypatch.setattr(engine_module, "release_free_heap", lambda: releases.append(time.monotonic()))
+    await asyncio.sleep(engine_module.RELEASE_EVERY + 0.5)  # a release the earlier tests left due
+    releases.clear()
+    await engine.submit(engine.encode("The quick brown fox"), SamplingParams(max_tokens=4, temperature=0)).result()
+    done = time.monotonic()
+    async with asyncio.timeout(10):
+        while not releases:
+            await asyncio.sleep(0.01)
+    assert releases[0] - done <= engine_module.RELEASE_EVERY + 1.0
+    await asyncio.sleep(engine_module.RELEASE_EVERY + 0.5)
+    assert len(releases) == 1, "an idle engine releases once, then sleeps"

@@ -92,6 +92,7 @@ class GenerationEngine:
         self.steps = 0
         self.tokens_generated = 0
         self._released_at = -RELEASE_EVERY
+        self._heap_dirty = False  # steps ran since the heap was last given back
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -197,28 +198,42 @@ class GenerationEngine:
         torch.set_grad_enabled(False)
         while True:
             with self._wakeup:
-                while not self._stopping and not self._waiting and not self._rows and not self._calls:
-                    self._wakeup.wait()
+                while not self._stopping and self._idle() and not self._release_due():
+                    self._wakeup.wait(self._until_release())
                 if self._stopping:
                     break
+                idle = self._idle()
+            if idle:  # nothing to run and the heap holds what the last steps freed
+                self._release_memory()
+                continue
             try:
                 with torch.inference_mode():
                     self._step()
             except Exception as error:  # a failed step fails the requests in it, the engine goes on
                 log.exception("generation step failed")
                 self._fail_everything(error)
-            self._release_memory_when_idle()
+            self._heap_dirty = True
         self._fail_everything(RuntimeError("the generation engine stopped"))
 
-    def _release_memory_when_idle(self) -> None:
-        """Nothing left to run: drop the empty cache and give the freed heap back (at most once a second)."""
-        if self._rows or self._waiting or self._calls:
-            return
+    def _idle(self) -> bool:
+        return not self._waiting and not self._rows and not self._calls
+
+    # Giving freed memory back: once the engine idles after work, at most once a second.
+
+    def _until_release(self) -> float | None:
+        """Seconds to wait before the release is due; None: nothing to release."""
+        if not self._heap_dirty:
+            return None
+        return max(0.0, RELEASE_EVERY - (time.monotonic() - self._released_at))
+
+    def _release_due(self) -> bool:
+        return self._until_release() == 0.0
+
+    def _release_memory(self) -> None:
         self._cache = None
-        now = time.monotonic()
-        if now - self._released_at >= RELEASE_EVERY:
-            self._released_at = now
-            release_free_heap()
+        release_free_heap()
+        self._released_at = time.monotonic()
+        self._heap_dirty = False
 
     def _step(self) -> None:
         self._run_calls()
