@@ -26,7 +26,7 @@ from harness import Server, machine, markdown_table, now_utc, publish
 
 DEADLINE = 30.0
 SAMPLE_EVERY = 30.0  # seconds between RSS samples under load
-QUIET = 3.0  # seconds the server idles (nothing in flight) before an RSS reading
+QUIET = 2.0  # seconds the server idles (engines idle, nothing in flight) before an RSS reading
 ENDPOINTS = {  # path in the server's OpenAPI spec → body template
     "/v1/embeddings": "embeddings",
     "/cluster": "cluster",
@@ -97,12 +97,25 @@ async def soak(url: str, pid: int, seconds: float, clients: int) -> dict:
 
         async def load_then_quiet(until: float) -> tuple[int, int]:
             await asyncio.gather(sample_memory(until), *(caller(until) for _ in range(clients)))
+            await until_engines_idle(client)
             await asyncio.sleep(QUIET)
             return memory(pid)
 
         after_warm_up = await load_then_quiet(started + min(60.0, seconds * 0.2))
         at_end = await load_then_quiet(started + seconds)
     return {"paths": paths, "statuses": dict(statuses), "warm": after_warm_up, "end": at_end, "trace": trace}
+
+
+async def until_engines_idle(client: httpx.AsyncClient, within: float = 60.0) -> None:
+    """Wait until no generation engine has work left (an answered 504 may leave some)."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        services = (await client.get("/readyz")).json()["services"].values()
+        engines = [service["engine"] for service in services if "engine" in service]
+        if all(engine.get("idle", True) for engine in engines):
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the generation engine was still busy {within:g} s after the load stopped")
 
 
 def growth(before: int, after: int) -> float:

@@ -191,6 +191,8 @@ def test_scoring_in_groups_gives_the_scores_of_one_pass(lm, monkeypatch):
     with torch.inference_mode():
         reference = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
     assert one_pass[2] == pytest.approx(float(reference), abs=1e-3)  # padding changed nothing
+    with pytest.raises(DeadlineExceededError):  # a passed deadline stops scoring between groups
+        scoring.text_logprobs(lm.model, lm.tokenizer, texts, deadline=time.monotonic())
 
 
 async def test_idle_engine_gives_freed_memory_back_once(engine, monkeypatch):

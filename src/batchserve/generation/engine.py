@@ -125,6 +125,7 @@ class GenerationEngine:
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "max_rows": self.limits.max_rows,
+            "idle": self._idle() and not self._heap_dirty,  # nothing to run, freed memory given back
         }
 
     def encode(self, text: str) -> list[int]:

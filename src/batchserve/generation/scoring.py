@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
+
+from batchserve.errors import DeadlineExceededError
 
 #: most logits (rows x tokens x vocabulary) one scoring pass may hold: 64 MiB of float32.
 #: Scoring 48 candidate fills of a long text at once would otherwise take gigabytes.
 LOGITS_BUDGET = 2**24
 
 
-def text_logprobs(model, tokenizer, texts: list[str]) -> list[float]:
+def text_logprobs(model, tokenizer, texts: list[str], deadline: float | None = None) -> list[float]:
     """Sum of ``log p(token | tokens before it)`` over each text (its first token is given).
 
     Texts go through the model in groups small enough that their logits stay within
     :data:`LOGITS_BUDGET`; each group is right-padded, and padding is masked out of
-    attention and of the sum.
+    attention and of the sum.  Past ``deadline`` (``time.monotonic()``), no further group
+    is run: :class:`DeadlineExceededError`, and the model is free for other work.
     """
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocabulary = model.get_output_embeddings().weight.shape[0]
-    return [score for group in _groups(encoded, vocabulary) for score in _score_group(model, group, pad)]
+    scores: list[float] = []
+    for group in _groups(encoded, vocabulary):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceededError("scoring did not finish before the request's deadline")
+        scores += _score_group(model, group, pad)
+    return scores
 
 
 def _groups(encoded: list[list[int]], vocabulary: int) -> list[list[list[int]]]:
