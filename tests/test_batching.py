@@ -207,3 +207,13 @@ def test_cost_model_separates_fixed_and_per_item_cost():
         costs.record(size, 0.01 + 0.001 * size)
     fixed, per_item = costs.fit()
     assert fixed == pytest.approx(0.01, abs=1e-6) and per_item == pytest.approx(0.001, abs=1e-6)
+
+
+def test_a_sync_batcher_left_running_is_stopped_quietly_at_exit():
+    import subprocess
+    import sys
+
+    script = "from batchserve import Batcher\nprint(Batcher(lambda xs: [x * 2 for x in xs]).predict([1, 2]))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "[2, 4]\n")
+    assert "destroyed but it is pending" not in done.stderr and "Traceback" not in done.stderr, done.stderr

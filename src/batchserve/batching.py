@@ -25,17 +25,20 @@ A :class:`Batcher` merges the items of concurrent callers into mini-batches for 
 Three ways to call one batcher: ``await submit(items)``, ``submit_future(items)`` (a
 ``concurrent.futures.Future``) and ``predict(items)`` (blocking, from any thread).  The
 batcher runs on one asyncio loop: the caller's, when started with ``await start()``, or
-a private loop in a daemon thread otherwise.
+a private loop in a daemon thread otherwise (stopped at interpreter exit if the caller
+did not stop it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -52,6 +55,15 @@ from batchserve.errors import (
 from batchserve.model import ModelSpec
 
 log = logging.getLogger("batchserve.batching")
+
+#: batchers running on a loop thread of their own: stopped at exit unless stopped before
+_on_private_loops: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_private_loops() -> None:
+    for batcher in list(_on_private_loops):
+        batcher.stop()
 
 
 # --------------------------------------------------------------------------- policy
@@ -286,6 +298,7 @@ class Batcher:
                     target=loop.run_forever, name=f"batchserve-{self.name}", daemon=True
                 )
                 self._own_thread.start()
+                _on_private_loops.add(self)
         if started is not None:
             started.result()
             return
@@ -324,6 +337,7 @@ class Batcher:
         await self.backend.close()
 
     def _stop_own_thread(self) -> None:
+        _on_private_loops.discard(self)
         if self._own_thread is not None and self._own_thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._own_thread.join(timeout=5)
