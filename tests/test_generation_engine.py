@@ -175,23 +175,28 @@ def test_stop_matcher_across_pieces():
     assert released[0] == "Hello "  # "E" could start "END": held back
 
 
-def test_scoring_in_groups_gives_the_scores_of_one_pass(lm, monkeypatch):
+def whole_text_logprob(lm, text: str) -> float:
+    ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
+    with torch.inference_mode():
+        logprobs = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    return float(logprobs.gather(1, ids[0, 1:, None]).sum())
+
+
+@pytest.mark.parametrize("budget", ["default", "tiny"])
+def test_scoring_shares_the_prefix_and_matches_each_text_scored_whole(lm, monkeypatch, budget):
     from batchserve.generation import scoring
 
-    texts = ["twinkle twinkle little star.", "twinkle twinkle big star, how I wonder.", "twinkle star."]
-    one_pass = scoring.text_logprobs(lm.model, lm.tokenizer, texts)
-    vocabulary = lm.model.get_output_embeddings().weight.shape[0]
-    widths = [len(lm.tokenizer(text)["input_ids"]) for text in texts]
-    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 2 * max(widths) * vocabulary)  # two texts a group
-    encoded = [lm.tokenizer(text)["input_ids"] for text in texts]
-    assert [len(group) for group in scoring._groups(encoded, vocabulary)] == [2, 1]
-    grouped = scoring.text_logprobs(lm.model, lm.tokenizer, texts)
-    assert grouped == pytest.approx(one_pass, abs=1e-3)
-    ids = torch.tensor([encoded[2]])  # the shortest: padded in the one pass
-    with torch.inference_mode():
-        reference = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
-    assert one_pass[2] == pytest.approx(float(reference), abs=1e-3)  # padding changed nothing
-    with pytest.raises(DeadlineExceededError):  # a passed deadline stops scoring between groups
+    prefix = "Up above the world so high, like a diamond in the sky. " * 3 + "Twinkle twinkle"
+    texts = [prefix + fill for fill in (" little star.", " big star, how I wonder.", " star.", "")]
+    texts += ["A text with nothing in common.", "twinkle"]  # no shared prefix with the first group
+    if budget == "tiny":  # one row per group, three columns per pass: many passes, same scores
+        vocabulary = lm.model.get_output_embeddings().weight.shape[0]
+        monkeypatch.setattr(scoring, "LOGITS_BYTES", 3 * vocabulary * scoring.FLOAT_BYTES)
+        monkeypatch.setattr(scoring, "CACHE_COPY_BYTES", 1)
+    for group in (texts[:4], texts):
+        scores = scoring.text_logprobs(lm.model, lm.tokenizer, group)
+        assert scores == pytest.approx([whole_text_logprob(lm, text) for text in group], abs=2e-3)
+    with pytest.raises(DeadlineExceededError):  # a passed deadline stops scoring between passes
         scoring.text_logprobs(lm.model, lm.tokenizer, texts, deadline=time.monotonic())
 
 
