@@ -215,3 +215,24 @@ async def test_idle_engine_gives_freed_memory_back_once(engine, monkeypatch):
     assert releases[0] - done <= engine_module.RELEASE_EVERY + 1.0
     await asyncio.sleep(engine_module.RELEASE_EVERY + 0.5)
     assert len(releases) == 1, "an idle engine releases once, then sleeps"
+
+
+async def test_a_failed_call_releases_its_tensors_at_once(engine):
+    """The error's traceback must not keep the call's tensors until a full gc (a soak found this)."""
+    import gc
+    import weakref
+
+    held = []
+
+    def failing(model, tokenizer):
+        logits = torch.zeros(1024)
+        held.append(weakref.ref(logits))
+        raise DeadlineExceededError("scoring did not finish before the request's deadline")
+
+    gc.disable()
+    try:
+        with pytest.raises(DeadlineExceededError):
+            await engine.call(failing)
+        assert held[0]() is None
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -173,7 +174,7 @@ class GenerationEngine:
             try:
                 future.set_result(function())
             except Exception as error:
-                future.set_exception(error_for(error))
+                future.set_exception(_released(error))
 
     def _check(self, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
         if not prompt_ids:
@@ -212,7 +213,7 @@ class GenerationEngine:
                     self._step()
             except Exception as error:  # a failed step fails the requests in it, the engine goes on
                 log.exception("generation step failed")
-                self._fail_everything(error)
+                self._fail_everything(_released(error))
             self._heap_dirty = True
         self._fail_everything(RuntimeError("the generation engine stopped"))
 
@@ -288,8 +289,9 @@ class GenerationEngine:
             ]
         except Exception as error:
             log.exception("prefill failed")
+            failure = _released(error)
             for request in requests:
-                request.emit(error_for(error))
+                request.emit(failure)
             return
         if self._cache is None or not self._rows:
             self._cache = prompts
@@ -400,6 +402,17 @@ class GenerationEngine:
             _, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
                 future.set_exception(error_for(error))
+
+
+def _released(error: BaseException) -> BaseException:
+    """What callers see for ``error``, with the locals of its traceback's frames cleared.
+
+    Those frames hold the failed work's tensors, and through the engine's own frame (which
+    holds the callers' futures) they form a cycle that only a full garbage collection frees:
+    hundreds of MiB could stay held.  The traceback itself (lines, for the log) stays.
+    """
+    traceback.clear_frames(error.__traceback__)
+    return error_for(error)
 
 
 def _max_positions(config) -> int:
