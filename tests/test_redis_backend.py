@@ -51,6 +51,21 @@ async def load(url: str, count: int, concurrency: int, when_answered: dict) -> l
     return results
 
 
+async def kill_while_holding(client, stream: str, worker: WorkerProcess, within: float = 20.0) -> None:
+    """SIGKILL ``worker`` at a moment it holds entries (read from XPENDING): the front batches
+    requests into few entries, so at a random moment the other worker may hold them all."""
+    consumer = next(
+        name for name in (c["name"].decode() for c in client.xinfo_consumers(stream, "workers"))
+        if f"-{worker.process.pid}-" in name
+    )
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        if client.xpending_range(stream, "workers", "-", "+", 1, consumername=consumer):
+            worker.kill()
+            return
+        await asyncio.sleep(0.002)
+
+
 def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
     redis_server, start_worker, start_server
 ):
@@ -61,10 +76,14 @@ def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
     wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)
     front = start_server(*front_args(url, "tests.redis_models:slow_double"))
 
+    stream = "batchserve::slow_double:requests"
+    watching: list[asyncio.Task] = []
+
+    def kill() -> None:  # called from the load's loop after 60 answers
+        watching.append(asyncio.get_running_loop().create_task(kill_while_holding(redis_server.client(), stream, victim)))
+
     started = time.monotonic()
-    results = asyncio.run(
-        load(f"{front.url}/models/slow_double/predict", 300, concurrency=30, when_answered={60: victim.kill})
-    )
+    results = asyncio.run(load(f"{front.url}/models/slow_double/predict", 300, concurrency=30, when_answered={60: kill}))
     elapsed = time.monotonic() - started
 
     assert victim.process.returncode is not None, "the victim was killed during the load"
@@ -74,7 +93,6 @@ def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
     assert all(body == {"outputs": [index * 2]} for index, _, body in results)
     assert elapsed < 60
     client = redis_server.client()
-    stream = "batchserve::slow_double:requests"
     assert client.xpending(stream, "workers")["pending"] == 0, "every entry acked"
     assert client.xlen(stream) == 0, "answered entries are deleted"
     assert "reclaimed" in survivor.stop(), "the survivor took over the victim's entries"
