@@ -39,14 +39,13 @@ def text_logprobs(model, tokenizer, texts: list[str], deadline: float | None = N
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = _Scorer(model, pad, deadline)
     shared = _common_prefix_length(encoded)
-    prefix_score, after_prefix, layers = scorer.score([encoded[0][:shared]], None, [])
+    prefix_scores, after_prefix, layers = scorer.score([encoded[0][:shared]], None, [])
     rests = [ids[shared:] for ids in encoded]
     rows_per_group = scorer.rows_per_group(layers)
     scores: list[float] = []
     for start in range(0, len(rests), rows_per_group):
-        group = rests[start : start + rows_per_group]
-        group_scores, _, _ = scorer.score(group, after_prefix, layers)
-        scores += [float(prefix_score[0]) + score for score in group_scores.tolist()]
+        group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
+        scores += (group_scores + prefix_scores[0]).tolist()
     return scores
 
 
