@@ -264,6 +264,9 @@ class RedisBackend(Backend):
                 except AuthenticationError as error:
                     log.error("Redis refused our credentials: %s", error)
                     reconnected = False
+                except ResponseError as error:  # a Redis just restarted may refuse a command: try again
+                    log.warning("Redis refused a command while reconnecting: %s", error)
+                    reconnected = False
                 if not reconnected:
                     await asyncio.sleep(RECONNECT_DELAY)
                 continue
