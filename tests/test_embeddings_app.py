@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from batchserve.apps.embeddings import EmbeddingModel, cluster
+from batchserve.apps.embeddings import bundled_model_path, cluster
 
 DOG_WALKING = [
     "Dog Walking: 10 Simple Steps",
@@ -28,9 +28,10 @@ PUBLIC_SPEAKING = [
 
 @pytest.fixture(scope="module")
 def direct_model():
-    model = EmbeddingModel(device="cpu")
-    model.load()
-    return model
+    """sentence-transformers itself, as a user would run the bundled model."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
 
 
 def test_http_embeddings_equal_direct_encode(embeddings_server, direct_model):
@@ -42,7 +43,7 @@ def test_http_embeddings_equal_direct_encode(embeddings_server, direct_model):
     assert [item["index"] for item in body["data"]] == [0, 1, 2]
     assert all(item["object"] == "embedding" for item in body["data"])
     served = np.array([item["embedding"] for item in body["data"]])
-    direct = direct_model.encoder.encode(texts, convert_to_numpy=True)
+    direct = direct_model.encode(texts, convert_to_numpy=True)
     assert served.shape == (3, 384)
     assert np.abs(served - direct).max() < 1e-5
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 3
@@ -54,7 +55,7 @@ def test_single_string_and_base64(embeddings_server, direct_model):
     ).json()
     assert len(reply["data"]) == 1
     vector = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), dtype="<f4")
-    assert np.abs(vector - direct_model.encoder.encode(["hello"])[0]).max() < 1e-5
+    assert np.abs(vector - direct_model.encode(["hello"])[0]).max() < 1e-5
 
 
 async def test_concurrent_requests_match_and_are_batched(embeddings_server, direct_model):
@@ -62,7 +63,7 @@ async def test_concurrent_requests_match_and_are_batched(embeddings_server, dire
     async with httpx.AsyncClient(base_url=embeddings_server.url, timeout=60) as client:
         replies = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": t}) for t in texts))
     served = np.array([reply.json()["data"][0]["embedding"] for reply in replies])
-    assert np.abs(served - direct_model.encoder.encode(texts)).max() < 1e-4  # batch padding differs slightly
+    assert np.abs(served - direct_model.encode(texts)).max() < 1e-4  # batch padding differs slightly
     metrics = httpx.get(f"{embeddings_server.url}/metrics").text
     single = float(_metric(metrics, 'batchserve_batch_size_bucket{le="1",model="all-MiniLM-L6-v2"}'))
     total = float(_metric(metrics, 'batchserve_batch_size_count{model="all-MiniLM-L6-v2"}'))

@@ -15,7 +15,7 @@ from tests.conftest import ServerProcess
 
 
 from batchserve.server.app import create_app
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 APPS = ["embeddings"]
 MODELS = ["tests.fakes:echo"]

@@ -8,7 +8,7 @@ import pickle
 import httpx
 import pytest
 
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 
 class Exploit:
@@ -22,7 +22,7 @@ class Exploit:
 
 
 def test_binds_to_loopback_unless_told_otherwise():
-    assert Settings().host == "127.0.0.1"
+    assert Settings().server.host == "127.0.0.1"
     from typer.testing import CliRunner
 
     from batchserve.cli import app
@@ -52,7 +52,7 @@ def test_pickle_payloads_over_http_are_never_loaded(start_server, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module", ["batchserve.wire", "batchserve.backends.redis", "batchserve.backends.redis_worker"])
+@pytest.mark.parametrize("module", ["batchserve.wire", "batchserve.backends.redis", "batchserve.worker"])
 def test_network_modules_do_not_use_pickle(module):
     import importlib
     import inspect

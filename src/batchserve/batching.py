@@ -1,7 +1,7 @@
 """Dynamic batching: the whole policy in one module.
 
 A :class:`Batcher` merges the items of concurrent callers into mini-batches for a
-:class:`~batchserve.backends.Backend`.  Its rules (DESIGN.md §3):
+:class:`~batchserve.backends.Backend`.  Its rules (docs/ARCHITECTURE.md, "Batching semantics"):
 
 * **Idle-aware dispatch.** When the backend has a free slot and items are queued, a batch
   leaves at once, unless :class:`DispatchPolicy` predicts that waiting a little lowers the
@@ -42,8 +42,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from batchserve.aio import wait_event
 from batchserve.backends.base import Backend, batch_deadline
-from batchserve.backends.thread import ThreadBackend
+from batchserve.backends.registry import as_backend
 from batchserve.errors import (
     DeadlineExceededError,
     InputError,
@@ -52,7 +53,6 @@ from batchserve.errors import (
     OverloadedError,
     WorkerDiedError,
 )
-from batchserve.model import ModelSpec
 
 log = logging.getLogger("batchserve.batching")
 
@@ -63,7 +63,10 @@ _on_private_loops: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _stop_private_loops() -> None:
     for batcher in list(_on_private_loops):
-        batcher.stop()
+        try:
+            batcher.stop()
+        except Exception:  # the others must still be stopped
+            log.exception("stopping batcher %r at exit failed", batcher.name)
 
 
 # --------------------------------------------------------------------------- policy
@@ -226,7 +229,7 @@ class Batcher:
             raise ValueError("max_queue_size must be at least 1")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
-        self.backend = _as_backend(model)
+        self.backend: Backend = as_backend(model)
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency
         self.max_queue_size = max_queue_size
@@ -239,6 +242,7 @@ class Batcher:
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_thread: threading.Thread | None = None
+        self._own_loop: asyncio.AbstractEventLoop | None = None
         self._start_lock = threading.Lock()
         self._started: concurrent.futures.Future | None = None
         self._accepting = False
@@ -293,7 +297,7 @@ class Batcher:
                 started = self._started
             else:
                 started = None
-                loop = asyncio.new_event_loop()
+                loop = self._own_loop = asyncio.new_event_loop()
                 self._own_thread = threading.Thread(
                     target=loop.run_forever, name=f"batchserve-{self.name}", daemon=True
                 )
@@ -316,9 +320,9 @@ class Batcher:
 
     def stop(self, grace: float = 0.0) -> None:
         """Blocking :meth:`close`, from any thread but the batcher's own loop."""
-        if self._loop is None or self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._close_here(grace), self._loop).result()
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and (loop is not self._own_loop or self._own_thread.is_alive()):
+            asyncio.run_coroutine_threadsafe(self._close_here(grace), loop).result()
         self._stop_own_thread()
 
     async def _close_here(self, grace: float) -> None:
@@ -330,17 +334,28 @@ class Batcher:
             request.fail(NotReadyError("batcher shut down before this request ran"))
         self._queue.clear()
         self._queued_items = 0
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-        for task in list(self._batch_tasks):
+        tasks = [task for task in (self._dispatcher, *self._batch_tasks) if task is not None]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # let them end before the loop stops
         await self.backend.close()
 
     def _stop_own_thread(self) -> None:
+        """End the private loop as ``asyncio.run`` ends its own: cancel and await whatever
+        still runs there, stop the loop, join its thread, close the loop."""
         _on_private_loops.discard(self)
-        if self._own_thread is not None and self._own_thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._own_thread.join(timeout=5)
+        thread, loop = self._own_thread, self._own_loop
+        if thread is None or loop is None or loop.is_closed():
+            return
+        if thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), loop).result(timeout=5)
+            except concurrent.futures.TimeoutError:
+                log.warning("tasks of batcher %r did not end within 5 s of being cancelled", self.name)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
 
     def __enter__(self) -> "Batcher":
         self.start_in_thread()
@@ -376,7 +391,12 @@ class Batcher:
         assert self._loop is not None
         if _running_loop() is self._loop:
             raise RuntimeError("on the batcher's own loop, use 'await batcher.submit(items)'")
-        return asyncio.run_coroutine_threadsafe(self._submit_here(items, timeout), self._loop)
+        submitting = self._submit_here(items, timeout)
+        try:
+            return asyncio.run_coroutine_threadsafe(submitting, self._loop)
+        except RuntimeError:  # stop() closed the loop
+            submitting.close()
+            raise NotReadyError(f"model {self.name!r} was stopped") from None
 
     def predict(self, items: Iterable, timeout: float | None = None) -> list:
         """Block until the outputs for ``items`` are ready (thread-safe)."""
@@ -456,19 +476,13 @@ class Batcher:
             wait = self.policy.wait_time(self._queued_items, self._queue[0].arrival, now)
             if wait > 0:
                 self._changed.clear()
-                await self._sleep_unless_changed(wait)
+                await wait_event(self._changed, wait)
                 continue
             batch = self._take_batch()
             self._inflight += 1
             task = self._loop.create_task(self._run_batch(batch))
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_tasks.discard)
-
-    async def _sleep_unless_changed(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._changed.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
 
     def _drop_finished_head(self) -> None:
         while self._queue and self._queue[0].untaken == 0:
@@ -557,14 +571,6 @@ class Batcher:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_backend(model: Any) -> Backend:
-    if isinstance(model, Backend):
-        return model
-    if isinstance(model, ModelSpec):
-        return ThreadBackend(model)
-    return ThreadBackend(ModelSpec(model))
-
-
 def _as_output_list(outputs: Any, expected: int) -> list:
     try:
         outputs = list(outputs)
@@ -586,6 +592,15 @@ def _model_error(error: Exception) -> ModelError:
 def _fail_all(batch: Batch, error: BaseException) -> None:
     for request, _ in batch:
         request.fail(error)
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every task of the running loop but this one, and wait until they end."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -1,18 +1,43 @@
-"""The ``batchserve`` command line."""
+"""The ``batchserve`` command line.
+
+Options that set a server or worker setting are built by :func:`option` from the field in
+:mod:`batchserve.settings`: its default, bounds and help live there only.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
+from annotated_types import Ge, Le
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dynamic batching for model serving.")
+from batchserve.settings import AppName, BackendKind, LogLevel, Settings, field_info
 
-# options that `serve` and `worker` share, word for word
-MAX_BATCH_SIZE = typer.Option(64, min=1, help="most items in one batch")
-MAX_LATENCY = typer.Option(0.01, min=0, help="longest batching wait, seconds from the oldest item")
-LOG_LEVEL = typer.Option("warning", help="debug, info, warning or error")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Dynamic batching for model serving."
+)
+
+
+def option(name: str, *flags: str, help: str | None = None, show_default: bool | str = True) -> Any:
+    """A typer option for the setting ``name``: default, bounds and help from its field.
+
+    List settings and settings whose default is computed get ``None`` (meaning "the
+    setting's default") so that the help shows the real default and no value is restated.
+    """
+    field = field_info(name)
+    bounds: dict[str, float] = {}  # strict bounds (gt) are left to the settings' own validation
+    for constraint in field.metadata:
+        if isinstance(constraint, Ge):
+            bounds["min"] = constraint.ge
+        elif isinstance(constraint, Le):
+            bounds["max"] = constraint.le
+    default, shown = field.default, show_default
+    if field.default_factory is not None:
+        default = None
+        if show_default is True:
+            shown = ", ".join(map(str, field.default_factory()))
+    return typer.Option(default, *flags, help=help or field.description, show_default=shown, **bounds)
 
 
 @contextlib.contextmanager
@@ -25,19 +50,16 @@ def exit_on_user_error() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def model_settings(
-    app_names: list[str] | None, models: list[str] | None, devices: list[str] | None, threads_per_worker: int, **rest
-):
-    """Settings from the options of `serve` and `worker`: embeddings when neither --app nor --model."""
-    from batchserve.server.settings import Settings
+def settings_from(**options: Any) -> Settings:
+    """Settings from command-line options; a value the model refuses exits with its message."""
+    from pydantic import ValidationError
 
-    return Settings(
-        apps=list(app_names or ([] if models else ["embeddings"])),
-        models=list(models or []),
-        devices=list(devices or ["cpu"]),
-        threads_per_worker=threads_per_worker or None,
-        **rest,
-    )
+    try:
+        return Settings.from_options(**options)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        typer.echo(f"batchserve: {problems}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -47,92 +69,53 @@ def main() -> None:
 
 @app.command()
 def serve(
-    app_names: List[str] = typer.Option(
-        None, "--app", help="built-in app: embeddings (default when no --model), generation, infill, or all"
-    ),
-    models: List[str] = typer.Option(
-        None, "--model", help="your model as [name=]module:attr (a function or a class); repeatable"
-    ),
-    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"),
-    port: int = typer.Option(8000, help="port to bind"),
-    max_batch_size: int = MAX_BATCH_SIZE,
-    max_latency: float = MAX_LATENCY,
-    max_queue_size: int = typer.Option(1024, min=1, help="queued items past which requests get 503"),
-    timeout: float = typer.Option(30.0, min=0.001, help="default per-request deadline, seconds"),
-    max_body_bytes: int = typer.Option(1_000_000, min=1, help="larger request bodies get 413"),
-    backend: str = typer.Option("thread", help="where batches run: thread, process (worker processes) or redis"),
-    workers: int = typer.Option(1, min=1, help="process backend: worker processes per model"),
-    devices: List[str] = typer.Option(
-        None, "--devices", help="process backend: cpu, or cuda:0,cuda:1 (round-robin over workers)"
-    ),
-    threads_per_worker: int = typer.Option(0, min=0, help="process backend: torch threads per worker (0: cores // workers)"),
-    max_batches_per_worker: int = typer.Option(0, min=0, help="process backend: recycle a worker after N batches (0: never)"),
-    http_workers: int = typer.Option(1, min=1, help="HTTP processes; more than 1 runs gunicorn (deploy/gunicorn.conf.py)"),
-    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="redis backend: redis://[:password@]host:port/db"),
-    prefix: str = typer.Option("", "--prefix", help="redis backend: key prefix, the same as the workers'"),
-    drain_seconds: float = typer.Option(1.0, min=0, help="on SIGTERM: seconds /readyz answers 503 before closing"),
-    grace: float = typer.Option(30.0, min=0, help="on shutdown: seconds in-flight requests may take"),
-    generation_model: Optional[str] = typer.Option(
-        None, "--generation-model", help="generation/infill: a causal-LM directory or .gguf (default: bundled SmolLM2)"
-    ),
-    generation_cache_dir: Optional[str] = typer.Option(
-        None, "--generation-cache-dir", help="where the GGUF is dequantized once (default: ~/.cache/batchserve)"
-    ),
-    generation_max_rows: int = typer.Option(32, min=1, help="generation: sequences decoding together"),
-    generation_threads: int = typer.Option(
-        0, min=0, help="generation: torch threads for this process (0: torch's default, one per core)"
-    ),
-    no_docs: bool = typer.Option(False, "--no-docs", help="do not serve /docs and /openapi.json"),
-    no_metrics: bool = typer.Option(False, "--no-metrics", help="do not serve /metrics"),
-    log_level: str = LOG_LEVEL,
+    apps: List[AppName] = option("apps", "--app", help="built-in app (embeddings when no --model); repeatable", show_default="embeddings"),
+    models: List[str] = option("models", "--model", show_default=False),
+    host: str = option("host"),
+    port: int = option("port"),
+    max_batch_size: int = option("max_batch_size"),
+    max_latency: float = option("max_latency"),
+    max_queue_size: int = option("max_queue_size"),
+    timeout: float = option("timeout"),
+    max_timeout: float = option("max_timeout"),
+    max_body_bytes: int = option("max_body_bytes"),
+    backend: BackendKind = option("backend"),
+    workers: int = option("workers"),
+    devices: List[str] = option("devices", "--devices"),
+    threads_per_worker: Optional[int] = option("threads_per_worker"),
+    max_batches_per_worker: Optional[int] = option("max_batches_per_worker"),
+    http_workers: int = option("http_workers"),
+    redis_url: Optional[str] = option("redis_url", "--redis-url"),
+    redis_prefix: str = option("redis_prefix", "--prefix"),
+    drain_seconds: float = option("drain_seconds"),
+    grace: float = option("grace"),
+    generation_model: Optional[str] = option("generation_model"),
+    generation_cache_dir: Optional[str] = option("generation_cache_dir"),
+    generation_max_rows: int = option("generation_max_rows"),
+    generation_threads: Optional[int] = option("generation_threads"),
+    docs: bool = option("docs", "--docs/--no-docs"),
+    metrics: bool = option("metrics", "--metrics/--no-metrics"),
+    log_level: LogLevel = option("log_level"),
 ) -> None:
     """Serve models over HTTP."""
-    settings = model_settings(
-        app_names,
-        models,
-        devices,
-        threads_per_worker,
-        host=host,
-        port=port,
-        max_batch_size=max_batch_size,
-        max_latency=max_latency,
-        max_queue_size=max_queue_size,
-        timeout=timeout,
-        max_body_bytes=max_body_bytes,
-        backend=backend,
-        workers=workers,
-        max_batches_per_worker=max_batches_per_worker or None,
-        http_workers=http_workers,
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        drain_seconds=drain_seconds,
-        grace=grace,
-        generation_model=generation_model,
-        generation_cache_dir=generation_cache_dir,
-        generation_max_rows=generation_max_rows,
-        generation_threads=generation_threads or None,
-        docs=not no_docs,
-        metrics=not no_metrics,
-        log_level=log_level,
-    )
-    run_server(settings)
+    run_server(settings_from(**locals()))
 
 
-def run_server(settings) -> None:
-    if settings.http_workers > 1:
+def run_server(settings: Settings) -> None:
+    if settings.server.http_workers > 1:
         run_gunicorn(settings)
         return
     from batchserve.logs import configure_logging
     from batchserve.server.app import create_app
     from batchserve.server.run import serve as serve_until_drained
 
-    log_config = configure_logging(settings.log_level)
+    log_config = configure_logging(settings.server.log_level.value)
     with exit_on_user_error():
         application = create_app(settings)
     serve_until_drained(application, settings, log_config)
 
 
-def run_gunicorn(settings) -> None:
+def run_gunicorn(settings: Settings) -> None:
     """Several HTTP processes: replace this process with gunicorn (its master keeps our PID)."""
     import os
     import sys
@@ -186,37 +169,34 @@ def bench(
         raise typer.Exit(1)
 
 
+#: a worker reads from the stream only when its batcher has room: the stream is the queue
+WORKER_QUEUE_SIZE = 1_000_000
+
+
 @app.command()
 def worker(
-    redis_url: str = typer.Option(..., "--redis-url", help="redis://[:password@]host:port/db or rediss://"),
-    app_names: List[str] = typer.Option(None, "--app", help="built-in app whose models to serve (default embeddings)"),
-    models: List[str] = typer.Option(None, "--model", help="your model as [name=]module:attr, as given to serve"),
-    prefix: str = typer.Option("", "--prefix", help="key prefix, the same as the fronts'"),
-    workers: int = typer.Option(1, min=1, help="model processes on this host (more than 1: supervised processes)"),
-    devices: List[str] = typer.Option(None, "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
-    threads_per_worker: int = typer.Option(0, min=0, help="torch threads per model process (0: cores // workers)"),
-    max_batch_size: int = MAX_BATCH_SIZE,
-    max_latency: float = MAX_LATENCY,
-    visibility_timeout: float = typer.Option(10.0, min=0.1, help="seconds before a dead worker's requests are taken over"),
-    log_level: str = LOG_LEVEL,
+    redis_url: str = typer.Option(..., "--redis-url", help=field_info("redis_url").description),
+    apps: List[AppName] = option("apps", "--app", help="built-in app whose models to serve; repeatable", show_default="embeddings"),
+    models: List[str] = option("models", "--model", help="your model as [name=]module:attr, as given to serve", show_default=False),
+    redis_prefix: str = option("redis_prefix", "--prefix"),
+    workers: int = option("workers", help="model processes on this host (more than 1: supervised processes)"),
+    devices: List[str] = option("devices", "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
+    threads_per_worker: Optional[int] = option("threads_per_worker", help="torch threads per model process (default: cores // workers)"),
+    max_batch_size: int = option("max_batch_size"),
+    max_latency: float = option("max_latency"),
+    visibility_timeout: float = option("visibility_timeout"),
+    log_level: LogLevel = option("log_level"),
 ) -> None:
     """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
-    from batchserve.backends.redis_worker import run_worker
+    options = dict(locals())
+    from batchserve.worker import run_worker
 
-    settings = model_settings(
-        app_names,
-        models,
-        devices,
-        threads_per_worker,
-        max_batch_size=max_batch_size,
-        max_latency=max_latency,
-        max_queue_size=1_000_000,  # the stream is the queue; the worker reads only when it has room
-        backend="process" if workers > 1 or devices or threads_per_worker else "thread",
-        workers=workers,
-        log_level=log_level,
+    in_processes = workers > 1 or bool(devices) or threads_per_worker is not None
+    settings = settings_from(
+        **options, max_queue_size=WORKER_QUEUE_SIZE, backend=BackendKind.process if in_processes else BackendKind.thread
     )
     with exit_on_user_error():
-        run_worker(settings, redis_url, prefix=prefix, visibility_timeout=visibility_timeout)
+        run_worker(settings)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ A worker is placed on one device: ``cpu``, or ``cuda:N``.  Each worker process g
   read with :func:`worker_device`;
 * ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` and torch's thread count — its share of the cores.
 
-Nothing here imports torch: a model that never uses it never pays for it.
+Nothing here imports torch at import time: a model that never uses it never pays for it.
 """
 
 from __future__ import annotations
@@ -100,6 +100,17 @@ def torch_device() -> str | None:
     if device is None:
         return None
     return "cuda" if is_gpu(device) else "cpu"
+
+
+def pick_torch_device() -> str:
+    """Where a torch model of this process should run: the device the process backend gave
+    this worker, else the first GPU torch sees, else the CPU."""
+    placed = torch_device()
+    if placed is not None:
+        return placed
+    import torch  # only for models that run on torch anyway
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager

@@ -62,3 +62,14 @@ class InputError(BatchserveError, ValueError):
 
     status_code = 422
     kind = "invalid_request"
+
+
+class ClientDisconnectedError(BatchserveError):
+    """The HTTP client went away before its answer was ready; its work was dropped.
+
+    Nobody reads the answer: the server logs one info line and counts it (status 499,
+    nginx's "client closed request"), never as a server error.
+    """
+
+    status_code = 499
+    kind = "client_disconnected"

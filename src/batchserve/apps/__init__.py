@@ -1,27 +1,28 @@
-"""Built-in applications; each module's ``build(settings)`` returns a :class:`Service`."""
+"""Built-in applications; each module's ``build(settings)`` returns a :class:`Service`.
+
+Adding an app is one module with ``build(settings) -> Service`` plus one line in
+:data:`BUILT_IN` (and its name in :class:`~batchserve.settings.AppName`).
+"""
 
 from __future__ import annotations
 
 import importlib
 
 from batchserve.apps.base import Service
-from batchserve.server.settings import Settings
+from batchserve.settings import AppName, Settings
 
 #: app name → module holding ``build(settings) -> Service``
-BUILT_IN = {
-    "embeddings": "batchserve.apps.embeddings",
-    "generation": "batchserve.apps.generation",
-    "infill": "batchserve.apps.infill",
+BUILT_IN: dict[AppName, str] = {
+    AppName.embeddings: "batchserve.apps.embeddings",
+    AppName.generation: "batchserve.apps.generation",
+    AppName.infill: "batchserve.apps.infill",
 }
+USER_MODELS = "batchserve.apps.custom"
 
 
 def build_services(settings: Settings) -> list[Service]:
     """The services the settings ask for: built-in apps (``all`` = every one) and user models."""
-    names = list(BUILT_IN) if "all" in settings.apps else list(dict.fromkeys(settings.apps))
-    unknown = [name for name in names if name not in BUILT_IN]
-    if unknown:
-        raise ValueError(f"unknown app {unknown[0]!r}; choose from {', '.join([*BUILT_IN, 'all'])}")
-    services = [importlib.import_module(BUILT_IN[name]).build(settings) for name in names]
+    services = [importlib.import_module(BUILT_IN[name]).build(settings) for name in settings.app_names]
     if settings.models:
-        services.append(importlib.import_module("batchserve.apps.custom").build(settings))
+        services.append(importlib.import_module(USER_MODELS).build(settings))
     return services

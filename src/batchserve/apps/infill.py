@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency
-from batchserve.apps.generation import GenerationRuntime, GenerationService, cancel_on_disconnect, runtime_for
+from batchserve.apps.llm import GenerationHost, GenerationService, cancel_on_disconnect, host_for
 from batchserve.errors import DeadlineExceededError, InputError
 from batchserve.generation import GenerationEngine, SamplingParams
 from batchserve.generation.scoring import next_token_texts, text_logprobs
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 MASK = "[MASK]"
 MAX_MASKS = 8
@@ -91,7 +91,7 @@ async def fill_one(engine: GenerationEngine, request: Request, prefix: str, suff
     return separator + ranked[0][0], ranked
 
 
-def build_router(runtime: GenerationRuntime, settings: Settings) -> APIRouter:
+def build_router(host: GenerationHost, settings: Settings) -> APIRouter:
     router = APIRouter(tags=["infill"])
     request_timeout = deadline_dependency(settings)
 
@@ -102,7 +102,7 @@ def build_router(runtime: GenerationRuntime, settings: Settings) -> APIRouter:
             raise InputError(f"the text has no {MASK}")
         if len(parts) - 1 > MAX_MASKS:
             raise InputError(f"at most {MAX_MASKS} masks per text")
-        engine = runtime.running_engine()
+        engine = host.running_engine()
         deadline = time.monotonic() + timeout  # one deadline for every mask and step
         text, fills = parts[0], []
         for index, suffix in enumerate(parts[1:]):
@@ -120,5 +120,5 @@ def build_router(runtime: GenerationRuntime, settings: Settings) -> APIRouter:
 
 
 def build(settings: Settings) -> Service:
-    runtime = runtime_for(settings)
-    return GenerationService("infill", build_router(runtime, settings), runtime)
+    host = host_for(settings)
+    return GenerationService("infill", build_router(host, settings), host)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from batchserve.devices import fork_safe_loading
+from batchserve.model import Model, ModelSpec
+
+if TYPE_CHECKING:
+    from batchserve.settings import Settings
 
 #: While :meth:`Backend.run` runs: the latest deadline (event-loop time) among the requests
 #: in the batch, so a backend that sends batches elsewhere (redis) can send it along.
@@ -21,6 +27,11 @@ class Backend(ABC):
     """
 
     _capacity_listener: Callable[[], None] | None = None
+
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings: "Settings", name: str) -> "Backend":
+        """This backend for the model ``spec`` (called ``name``), configured by ``settings``."""
+        return cls(spec)
 
     def preload(self) -> None:
         """Load in this process, before it forks, what forked processes should share.
@@ -59,3 +70,12 @@ class Backend(ABC):
     def _capacity_changed(self) -> None:
         if self._capacity_listener is not None:
             self._capacity_listener()
+
+
+def load_before_fork(spec: ModelSpec) -> Model:
+    """Build and load the model in a process about to fork (CPU, one torch thread), for
+    backends whose forked processes share its weights."""
+    with fork_safe_loading():
+        model = spec.build()
+        model.load()
+    return model

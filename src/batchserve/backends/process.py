@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Iterable
 
-from batchserve.backends.base import Backend
+from batchserve.aio import wait_event
+from batchserve.backends.base import Backend, load_before_fork
 from batchserve.backends.child import WorkerConfig, serve
-from batchserve.devices import environment, fork_safe_loading, is_gpu, parse_devices, threads_per_worker, worker_env
+from batchserve.devices import environment, is_gpu, parse_devices, threads_per_worker, worker_env
 from batchserve.errors import ModelError, NotReadyError, WorkerDiedError
 from batchserve.model import Model, ModelSpec
+from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.workers")
 
@@ -124,15 +126,24 @@ class ProcessBackend(Backend):
         self._started = False
         self._closed = False
 
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "ProcessBackend":
+        process = settings.process
+        return cls(
+            spec,
+            workers=process.workers,
+            devices=process.devices,
+            threads_per_worker=process.threads_per_worker,
+            max_batches=process.max_batches_per_worker,
+            name=name,
+        )
+
     # ---------------------------------------------------------------- Backend interface
 
     def preload(self) -> None:
         """Load the model in this process now, so that forked workers share it."""
         if self.preload_model and self._model is None:
-            with fork_safe_loading():
-                model = self.spec.build()
-                model.load()
-            self._model = model
+            self._model = load_before_fork(self.spec)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -259,10 +270,7 @@ class ProcessBackend(Backend):
                 await self.close()
                 raise NotReadyError(f"no worker of {self.name!r} started in {self.start_timeout:g} s")
             self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._freed, 0.5)
 
     def _start_timed_out(self, worker: _Worker) -> None:
         if worker.state is State.STARTING:

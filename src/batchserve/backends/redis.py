@@ -15,7 +15,8 @@ stream, which only it reads.  Keys, for prefix ``P`` and model name ``M``::
 While Redis is unreachable, or no worker serves the model, :meth:`RedisBackend.run`
 fails at once with :class:`~batchserve.errors.NotReadyError` (HTTP 503); batches waiting
 for a reply when Redis goes away fail the same way.  A background task reconnects and the
-front serves again.
+front serves again.  With ``wait_for_workers=True`` (service-streamer's ``RedisStreamer``)
+a batch sent while no worker holds a lease waits for one until its deadline instead.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from batchserve.errors import (
     OverloadedError,
     WorkerDiedError,
 )
+from batchserve.model import ModelSpec
+from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.redis")
 
@@ -57,6 +60,7 @@ MAX_STREAM_LENGTH = 100_000
 READ_BLOCK_MS = 500
 RECONNECT_DELAY = 0.25
 WORKERS_CHECK_PERIOD = 1.0  # seconds between counts of live workers
+WORKERS_POLL_PERIOD = 0.1  # seconds between counts while batches wait for a first worker
 
 ERROR_KINDS: dict[str, type[BatchserveError]] = {
     cls.kind: cls
@@ -159,6 +163,9 @@ class RedisBackend(Backend):
 
     ``capacity`` is how many batches may wait on remote workers at once (large: the
     workers form their own batches from the stream, up to their ``max_batch_size``).
+    While no worker holds a lease, :meth:`run` fails at once with ``NotReadyError``; with
+    ``wait_for_workers=True`` it waits for a worker until the batch's deadline, then fails
+    with ``DeadlineExceededError`` (a ``TimeoutError``).
     """
 
     def __init__(
@@ -168,6 +175,7 @@ class RedisBackend(Backend):
         prefix: str = "",
         max_inflight: int = 1024,
         default_timeout: float = 30.0,
+        wait_for_workers: bool = False,
     ):
         self.url = url
         self.keys = StreamKeys(prefix, name)
@@ -175,6 +183,7 @@ class RedisBackend(Backend):
         self.reply_key = self.keys.replies(self.client_id)
         self.max_inflight = max_inflight
         self.default_timeout = default_timeout
+        self.wait_for_workers = wait_for_workers
         self.connected = False
         self.live_workers = 0
         self.duplicate_replies = 0
@@ -184,6 +193,21 @@ class RedisBackend(Backend):
         self._reader: asyncio.Task | None = None
         self._last_reply_id = "0"
         self._workers_checked = 0.0
+        self._worker_poll: asyncio.Task | None = None  # counts workers while batches wait for one
+        self._worker_waiters = 0
+
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "RedisBackend":
+        """The front of remote workers (``batchserve worker``); ``spec`` runs there, not here."""
+        if not settings.redis.redis_url:
+            raise ValueError("--backend redis needs --redis-url")
+        return cls(
+            settings.redis.redis_url,
+            name,
+            prefix=settings.redis.redis_prefix,
+            max_inflight=settings.batching.max_queue_size,
+            default_timeout=settings.batching.timeout,
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -204,6 +228,10 @@ class RedisBackend(Backend):
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+        if self._worker_poll is not None:
+            self._worker_poll.cancel()
+            await asyncio.gather(self._worker_poll, return_exceptions=True)
+            self._worker_poll = None
         self._fail_waiting(NotReadyError("the front is shutting down"))
         if self._redis is not None:
             await self._redis.aclose()
@@ -225,10 +253,12 @@ class RedisBackend(Backend):
     async def run(self, batch: list) -> list:
         if not self.connected or self._redis is None:
             raise NotReadyError("Redis is unreachable; retry shortly")
-        if self.live_workers == 0 and await self._count_workers() == 0:
-            raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
         loop = asyncio.get_running_loop()
         deadline = batch_deadline.get() or loop.time() + self.default_timeout
+        if self.live_workers == 0 and await self._count_workers() == 0:
+            if not self.wait_for_workers:
+                raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
+            await self._wait_for_a_worker(deadline)
         request_id = str(next(self._ids))
         reply = loop.create_future()
         self._waiting[request_id] = reply
@@ -240,6 +270,33 @@ class RedisBackend(Backend):
             raise DeadlineExceededError("no worker answered before the deadline") from None
         finally:
             self._waiting.pop(request_id, None)
+
+    async def _wait_for_a_worker(self, deadline: float) -> None:
+        """Until a worker holds a lease, or ``deadline`` (loop time): then DeadlineExceededError.
+
+        Every waiting batch shares one task that counts the workers; it ends when a worker
+        is seen, or when no batch waits any more.
+        """
+        loop = asyncio.get_running_loop()
+        if self._worker_poll is None or self._worker_poll.done():
+            self._worker_poll = loop.create_task(self._poll_for_a_worker())
+        self._worker_waiters += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker_poll), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(f"no worker served {self.keys.name!r} before the deadline") from None
+        finally:
+            self._worker_waiters -= 1
+
+    async def _poll_for_a_worker(self) -> None:
+        while self._worker_waiters > 0:
+            if self.connected:
+                try:
+                    if await self._count_workers() > 0:
+                        return
+                except NotReadyError:
+                    pass  # Redis went away: the reader reconnects; go on waiting
+            await asyncio.sleep(WORKERS_POLL_PERIOD)
 
     async def _send(self, request_id: str, batch: list, unix_deadline: float) -> None:
         entry = {

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from batchserve.backends.base import Backend
-from batchserve.devices import fork_safe_loading
+from batchserve.backends.base import Backend, load_before_fork
 from batchserve.model import Model, ModelSpec
 
 
@@ -21,10 +20,7 @@ class ThreadBackend(Backend):
 
     def preload(self) -> None:
         """Load the model now, in a process about to fork (CPU, one torch thread)."""
-        with fork_safe_loading():
-            model = self.spec.build()
-            model.load()
-        self._preloaded = model
+        self._preloaded = load_before_fork(self.spec)
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchserve-model")

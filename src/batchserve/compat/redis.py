@@ -6,6 +6,11 @@
 under ``prefix``, so ``batchserve worker --model model=module:attr --prefix P`` serves a
 ``RedisStreamer(prefix=P)`` too.
 
+As in service-streamer, a ``RedisStreamer`` call made while no worker is up yet waits for
+one (within ``worker_timeout``, then ``TimeoutError``), so workers may still be loading
+when the first call comes; and workers run in a thread of a script (``daemon=True``) stop
+with it: at interpreter exit they finish what they hold, leave and stop their processes.
+
 Where service-streamer's behaviour was unsound, ours differs: entries are msgpack (never
 pickle); a request whose worker died is taken over by another worker; a model error
 reaches the caller; ``run_redis_workers_forever`` supervises its ``worker_num`` processes
@@ -15,13 +20,16 @@ reaches the caller; ``run_redis_workers_forever`` supervises its ``worker_num`` 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
+import threading
+import time
 from typing import Any, Callable, Iterable
 
 from batchserve.backends.process import ProcessBackend
 from batchserve.backends.redis import RedisBackend
-from batchserve.backends.redis_worker import serve_batchers
+from batchserve.worker import serve_batchers
 from batchserve.backends.thread import ThreadBackend
 from batchserve.batching import Batcher
 from batchserve.compat.streamer import MAX_QUEUED_ITEMS, ManagedModel, ManagedModelLoader, _Streamer
@@ -31,17 +39,22 @@ from batchserve.model import ModelSpec
 MODEL_NAME = "model"
 #: the front merges nothing itself (the workers batch); this only bounds one entry
 FRONT_BATCH_SIZE = 64
+#: at interpreter exit, how long workers serving in threads get to finish and leave
+EXIT_GRACE = 15.0
 
 
 class RedisStreamer(_Streamer):
     """service-streamer's ``RedisStreamer``: ``predict`` / ``submit`` run on Redis workers.
 
     ``redis_broker`` is ``"host:port"`` as in service-streamer, or a Redis URL
-    (``redis://[:password@]host:port/db``, ``rediss://`` for TLS).
+    (``redis://[:password@]host:port/db``, ``rediss://`` for TLS).  While no worker serves
+    ``prefix`` yet, a call waits for one, up to ``worker_timeout``, then raises ``TimeoutError``.
     """
 
     def __init__(self, redis_broker: str = "localhost:6379", prefix: str = "", *, worker_timeout: float = 20):
-        backend = RedisBackend(redis_broker, MODEL_NAME, prefix=prefix, default_timeout=worker_timeout)
+        backend = RedisBackend(
+            redis_broker, MODEL_NAME, prefix=prefix, default_timeout=worker_timeout, wait_for_workers=True
+        )
         batcher = Batcher(
             backend,
             max_batch_size=FRONT_BATCH_SIZE,
@@ -82,7 +95,7 @@ class RedisWorker:
         if gpu_id is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
         batcher = _worker_batcher(ThreadBackend(self.spec), self.batch_size, self.max_latency)
-        asyncio.run(serve_batchers({MODEL_NAME: batcher}, self.redis_broker, self.prefix))
+        _serve(batcher, self.redis_broker, self.prefix)
 
 
 def run_redis_workers_forever(
@@ -101,6 +114,8 @@ def run_redis_workers_forever(
 
     Worker ``i`` runs on GPU ``cuda_devices[i % len(cuda_devices)]`` when given, else on
     the CPU.  ``model_class`` must be importable by name (spawned processes import it).
+    In the main thread it serves until SIGTERM / SIGINT; in another thread, until the
+    interpreter exits.
     """
     spec = _model_spec(model_class, model_init_args, model_init_kwargs)
     devices = [int(gpu) for gpu in cuda_devices] if cuda_devices is not None else "cpu"
@@ -108,7 +123,69 @@ def run_redis_workers_forever(
         spec, workers=worker_num, devices=devices, start_method=mp_start_method, name=MODEL_NAME
     )
     batcher = _worker_batcher(backend, batch_size, max_latency)
-    asyncio.run(serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix))
+    _serve(batcher, redis_broker, prefix)
+
+
+def _serve(batcher: Batcher, redis_broker: str, prefix: str) -> None:
+    """Serve ``batcher`` until SIGTERM / SIGINT (main thread) or interpreter exit (other threads)."""
+    if threading.current_thread() is threading.main_thread():
+        asyncio.run(serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix))
+        return
+    serving = _ServingThread()
+    with _serving_lock:
+        _serving_threads.add(serving)
+    try:
+        asyncio.run(serving.serve(batcher, redis_broker, prefix))
+    finally:
+        with _serving_lock:
+            _serving_threads.discard(serving)
+        serving.ended.set()
+
+
+class _ServingThread:
+    """One serve loop in a thread other than the main one; :meth:`stop_soon` ends it from any thread."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()  # set once its loop is closed
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopping = False
+
+    async def serve(self, batcher: Batcher, redis_broker: str, prefix: str) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        await serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix, stop=self._stop)
+
+    def stop_soon(self) -> None:
+        with self._lock:
+            self._stopping = True
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._stop.set)
+                except RuntimeError:  # its loop already closed
+                    pass
+
+
+_serving_threads: set[_ServingThread] = set()
+_serving_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_serving_threads() -> None:
+    """Workers serving in (daemon) threads finish what they hold, leave, and stop their processes.
+
+    Registered after the batcher's and the process backend's exit hooks, so it runs before them.
+    """
+    with _serving_lock:
+        serving = list(_serving_threads)
+    for thread in serving:
+        thread.stop_soon()
+    deadline = time.monotonic() + EXIT_GRACE
+    for thread in serving:
+        thread.ended.wait(max(deadline - time.monotonic(), 0.0))
 
 
 def _model_spec(model_class: Any, init_args: Iterable | None, init_kwargs: dict | None) -> ModelSpec:

@@ -18,11 +18,10 @@ from batchserve.server import dashboard
 from batchserve.server.errors import install_error_handlers
 from batchserve.server.limits import BodyLimitMiddleware
 from batchserve.server.metrics import Metrics, RequestMetricsMiddleware
-from batchserve.server.responses import FastJSONResponse
-from batchserve.server.settings import Settings
+from batchserve.apps.responses import FastJSONResponse
+from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.server")
-
 
 
 def create_app(settings: Settings | None = None, services: Iterable[Service] | None = None) -> FastAPI:
@@ -38,16 +37,16 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
             yield
         finally:
             loading.cancel()
-            await asyncio.gather(*(s.close(settings.grace) for s in services), return_exceptions=True)
+            await asyncio.gather(*(s.close(settings.server.grace) for s in services), return_exceptions=True)
 
     app = FastAPI(
         title="batchserve",
         version=batchserve.__version__,
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
-        docs_url="/docs" if settings.docs else None,
+        docs_url="/docs" if settings.server.docs else None,
         redoc_url=None,
-        openapi_url="/openapi.json" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.server.docs else None,
     )
     app.state.settings = settings
     app.state.services = services
@@ -56,15 +55,16 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     for service in services:
         app.include_router(service.router)
     _add_health_routes(app, services)
-    if settings.metrics:
-        metrics = Metrics(lambda: [b for s in services for b in s.batchers.values()])
-        for collector in {id(c): c for s in services for c in getattr(s, "collectors", ())}.values():
+    if settings.server.metrics:
+        batchers = lambda: [b for s in services for b in s.batchers.values()]  # noqa: E731
+        metrics = Metrics(batchers)
+        for collector in {id(c): c for s in services for c in s.collectors}.values():
             metrics.registry.register(collector)  # engines that are not batchers (generation)
         app.state.errors_total = metrics.errors_total
         _add_metrics_route(app, metrics)
-        app.include_router(dashboard.build_router(metrics, lambda: [b for s in services for b in s.batchers.values()]))
+        app.include_router(dashboard.build_router(metrics, batchers))
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     return app
 
 
@@ -82,7 +82,7 @@ def create_preloaded_app() -> FastAPI:
     from batchserve.logs import configure_logging
 
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level.value)
     app = create_app(settings)
     for service in app.state.services:
         service.preload()

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from batchserve.errors import BatchserveError, NotReadyError, OverloadedError
-from batchserve.server.responses import FastJSONResponse
+from batchserve.errors import BatchserveError, ClientDisconnectedError, NotReadyError, OverloadedError
+from batchserve.apps.responses import FastJSONResponse
 
 log = logging.getLogger("batchserve.server")
 
@@ -32,6 +32,8 @@ def count_error(request: Request, kind: str) -> None:
 
 async def on_batchserve_error(request: Request, error: BatchserveError) -> FastJSONResponse:
     count_error(request, error.kind)
+    if isinstance(error, ClientDisconnectedError):
+        log.info("client went away on %s: %s", request.url.path, error.message)
     headers = None
     if isinstance(error, (OverloadedError, NotReadyError)):
         headers = {"Retry-After": str(math.ceil(error.retry_after))}

@@ -19,13 +19,14 @@ from __future__ import annotations
 import gc
 
 from batchserve.devices import set_torch_threads, threads_per_worker
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 _settings = Settings.from_env()
+_server = _settings.server
 
 wsgi_app = "batchserve.server.app:create_preloaded_app()"
-bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
-workers = _settings.http_workers
+bind = [f"[{_server.host}]:{_server.port}" if ":" in _server.host else f"{_server.host}:{_server.port}"]
+workers = _server.http_workers
 worker_class = "uvicorn_worker.UvicornWorker"
 preload_app = True
 timeout = 300  # seconds without a heartbeat before the master replaces a worker
@@ -33,7 +34,7 @@ graceful_timeout = 20  # seconds a worker gets to finish its requests on shutdow
 keepalive = 5
 max_requests = 10_000  # recycle an HTTP worker after this many requests...
 max_requests_jitter = 1_000  # ...plus up to this many, so they do not all restart together
-loglevel = _settings.log_level
+loglevel = _server.log_level.value
 accesslog = None
 control_socket_disable = True  # gunicorn 25+: no shared control socket in $HOME (several servers may run)
 
@@ -49,4 +50,4 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    set_torch_threads(threads_per_worker(server.cfg.workers, _settings.threads_per_worker))
+    set_torch_threads(threads_per_worker(server.cfg.workers, _settings.process.threads_per_worker))

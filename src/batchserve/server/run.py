@@ -16,7 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from batchserve.server.settings import Settings
+from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.server")
 
@@ -48,15 +48,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
+    server = settings.server
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=server.host,
+        port=server.port,
         loop="auto",
         http="auto",
         log_config=log_config,
-        log_level=settings.log_level,
+        log_level=server.log_level.value,
         access_log=False,
-        timeout_graceful_shutdown=settings.grace,
+        timeout_graceful_shutdown=server.grace,
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    DrainingServer(config, app, server.drain_seconds).run()

@@ -1,4 +1,7 @@
-"""Redis backend, the worker side: serves request streams with local batchers (``batchserve worker``).
+"""The Redis workers: serve request streams with local batchers (``batchserve worker``).
+
+The front side (``serve --backend redis``) is :mod:`batchserve.backends.redis`; the keys,
+fields and the reclaim protocol are described in docs/ARCHITECTURE.md ("The Redis protocol").
 
 For each model a :class:`StreamWorker` reads entries with the consumer group while its
 local :class:`~batchserve.batching.Batcher` has a free slot, so the batcher forms batches of
@@ -30,13 +33,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from batchserve import wire
+from batchserve.aio import wait_event
+from batchserve.apps import build_services
 from batchserve.backends.redis import (
     GROUP,
     READ_BLOCK_MS,
@@ -50,9 +54,8 @@ from batchserve.backends.redis import (
 )
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceededError, InputError, WorkerDiedError
-
-if TYPE_CHECKING:
-    from batchserve.server.settings import Settings
+from batchserve.logs import configure_logging
+from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.worker")
 
@@ -182,7 +185,7 @@ class StreamWorker:
             count = self._free_items()
             if count == 0:
                 self._room.clear()
-                await _wait(self._room, 0.1)
+                await wait_event(self._room, 0.1)
                 continue
             try:
                 answer = await self.redis.xreadgroup(
@@ -290,7 +293,7 @@ class StreamWorker:
                 await self._group_lost(error)
             ticks += 1
             self._upkeep_now.clear()
-            await _wait(self._upkeep_now, period)
+            await wait_event(self._upkeep_now, period)
 
     async def _refresh_held(self) -> None:
         held = list(self._held)
@@ -406,13 +409,6 @@ async def _finish(task: asyncio.Task, timeout: float) -> None:
         await asyncio.wait([task], timeout=1.0)
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
-        pass
-
-
 # --------------------------------------------------------------------------- process
 
 
@@ -485,18 +481,18 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def run_worker(settings: "Settings", url: str, prefix: str = "", visibility_timeout: float = 10.0) -> None:
+def run_worker(settings: Settings) -> None:
     """``batchserve worker``: serve the models of ``settings.apps`` / ``settings.models``.
 
     The apps are built as for ``serve`` (same model names, so the same streams), but only
     their batchers are used: no HTTP here.  Blocks until SIGTERM or SIGINT.
     """
-    from batchserve.apps import build_services
-    from batchserve.logs import configure_logging
-
-    configure_logging(settings.log_level)
+    if not settings.redis.redis_url:
+        raise ValueError("a worker needs --redis-url")
+    configure_logging(settings.server.log_level.value)
     services = build_services(settings)
     batchers = {name: batcher for service in services for name, batcher in service.batchers.items()}
     if not batchers:
         raise ValueError("these apps have no batched model to serve through Redis")
-    asyncio.run(serve_batchers(batchers, url, prefix, visibility_timeout))
+    redis = settings.redis
+    asyncio.run(serve_batchers(batchers, redis.redis_url, redis.redis_prefix, redis.visibility_timeout))

@@ -17,9 +17,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
+from batchserve.apps.llm import GenerationHost, cancel_on_disconnect
+from batchserve.apps.openai import usage
+from batchserve.apps.responses import dumps
 from batchserve.errors import BatchserveError, InputError
 from batchserve.generation import ChoiceDelta, GenerationEngine, GenerationRequest, SamplingParams
-from batchserve.server.responses import dumps
 
 MAX_PROMPTS = 32
 MAX_STOPS = 4
@@ -83,14 +85,12 @@ class CompletionRequest(BaseModel):
         )
 
 
-def add_completions_route(router: APIRouter, runtime, request_timeout) -> None:
-    from batchserve.apps.generation import cancel_on_disconnect
-
+def add_completions_route(router: APIRouter, host: GenerationHost, request_timeout) -> None:
     @router.post("/v1/completions", summary="OpenAI-compatible text completions (n choices, SSE streaming)")
     async def completions(body: CompletionRequest, request: Request, timeout: float = Depends(request_timeout)):
         if body.logprobs:
             raise InputError("logprobs are not supported")
-        engine = runtime.running_engine()
+        engine = host.running_engine()
         generations = submit_all(engine, body, timeout)
         header = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -133,14 +133,6 @@ def submit_all(engine: GenerationEngine, body: CompletionRequest, timeout: float
             generation.cancel()
         raise
     return generations
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
 
 
 async def stream_chunks(header: dict, body: CompletionRequest, generations: list[GenerationRequest]) -> AsyncIterator[bytes]:

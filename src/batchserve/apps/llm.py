@@ -1,0 +1,167 @@
+"""What every app that generates text shares: one loaded causal LM and its engine.
+
+The generation (``/autocomplete``, the editor), completions (``/v1/completions``) and infill
+(``/infill``) apps of one process all run on one :class:`GenerationHost`: one copy of the
+model, one continuous-batching :class:`~batchserve.generation.GenerationEngine`, every
+request a row of the same running batch.  Each app is a :class:`GenerationService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import APIRouter, Request
+
+from batchserve.apps.base import Service
+from batchserve.devices import pick_torch_device
+from batchserve.errors import ClientDisconnectedError, NotReadyError
+from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest, load_causal_lm
+from batchserve.settings import Settings
+
+log = logging.getLogger("batchserve.generation")
+
+T = TypeVar("T")
+
+#: seconds between two checks whether the HTTP client is still there
+DISCONNECT_POLL = 0.25
+
+
+class GenerationHost:
+    """The loaded model and its engine, shared by every app of this process that generates."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine: GenerationEngine | None = None
+        self.load_info: dict[str, Any] = {}
+        self.collector = GenerationCollector(self)
+        self._loading: asyncio.Future | None = None
+        self._users = 0
+
+    async def start(self) -> None:
+        self._users += 1
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        await asyncio.shield(self._loading)
+
+    def _load(self) -> None:
+        generation = self.settings.generation
+        if generation.generation_threads:
+            import torch
+
+            torch.set_num_threads(generation.generation_threads)  # process-wide: every torch model here
+        loaded = load_causal_lm(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
+        limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
+        engine = GenerationEngine(loaded.model, loaded.tokenizer, limits, name=loaded.name)
+        engine.start()
+        self.load_info = {
+            "path": loaded.path,
+            "load_seconds": round(loaded.load_seconds, 3),
+            "dequantize_seconds": None if loaded.converted_seconds is None else round(loaded.converted_seconds, 3),
+        }
+        log.info("generation model %s loaded in %.2f s", loaded.name, loaded.load_seconds)
+        self.engine = engine
+
+    async def close(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.stop)
+
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def running_engine(self) -> GenerationEngine:
+        if self.engine is None:
+            raise NotReadyError("the generation model is loading")
+        return self.engine
+
+    @property
+    def model_name(self) -> str | None:
+        return self.engine.name if self.engine is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        engine = self.engine.describe() if self.engine is not None else {}
+        return {**engine, **self.load_info}
+
+
+_hosts: dict[tuple, GenerationHost] = {}
+
+
+def host_for(settings: Settings) -> GenerationHost:
+    """One host per model in a process, whichever apps ask for it."""
+    key = tuple(settings.generation.model_dump().items())
+    if key not in _hosts:
+        _hosts[key] = GenerationHost(settings)
+    return _hosts[key]
+
+
+class GenerationCollector:
+    """Prometheus figures of the generation engine, read at scrape time."""
+
+    def __init__(self, host: GenerationHost):
+        self.host = host
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self.host.engine
+        figures = engine.describe() if engine is not None else {}
+        rows = GaugeMetricFamily("batchserve_generation_active_rows", "Sequences in the running batch")
+        waiting = GaugeMetricFamily("batchserve_generation_waiting_requests", "Requests waiting for rows")
+        steps = CounterMetricFamily("batchserve_generation_steps", "Engine steps (prefill and/or decode)")
+        tokens = CounterMetricFamily("batchserve_generation_tokens", "Tokens generated")
+        rows.add_metric([], figures.get("active_rows", 0))
+        waiting.add_metric([], figures.get("waiting_requests", 0))
+        steps.add_metric([], figures.get("steps", 0))
+        tokens.add_metric([], figures.get("tokens_generated", 0))
+        yield from (rows, waiting, steps, tokens)
+
+
+class GenerationService(Service):
+    """A service whose engine is a :class:`GenerationHost` rather than batchers."""
+
+    def __init__(self, name: str, router: APIRouter, host: GenerationHost):
+        super().__init__(name, router, collectors=[host.collector])  # one collector object per host
+        self.host = host
+
+    @property
+    def models(self) -> list[str]:
+        name = self.host.model_name
+        return [name] if name else []
+
+    async def start(self) -> None:
+        await self.host.start()
+
+    async def close(self, grace: float = 0.0) -> None:
+        await self.host.close()
+
+    def ready(self) -> bool:
+        return self.error is None and self.host.ready()
+
+    def describe(self) -> dict[str, Any]:
+        return {"ready": self.ready(), "error": self.error, "engine": self.host.describe()}
+
+
+async def cancel_on_disconnect(request: Request, generations: list[GenerationRequest], work: Awaitable[T]) -> T:
+    """Await ``work``; if the HTTP client goes away first, cancel the generations (their rows
+    are freed at the engine's next step) and raise :class:`ClientDisconnectedError`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            for generation in generations:
+                generation.cancel()
+    if task.cancelled():
+        raise ClientDisconnectedError("the client went away before its generation finished")
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL)
