@@ -10,6 +10,12 @@ A :class:`Batcher` merges the items of concurrent callers into mini-batches for 
   a lone request on an idle server never waits at all.  While every slot is busy the
   queue simply grows, so the next batch is large.
 * **Honest bounds.** A batch never holds more than ``max_batch_size`` items.
+* **Token budgets.** A batch's cost is often its padded length times its rows, not its
+  item count (a transformer pads every row to the longest).  Given a ``length`` function
+  (item → tokens) and ``max_batch_tokens``, a dispatched batch runs as length-grouped
+  passes: its items sorted by length, cut into passes whose rows × longest length stays
+  within ``max_batch_tokens`` (an item longer than the budget runs alone).  Each pass is one
+  call of the backend; outputs still come back in each request's order.
 * **Multi-item requests** may span batches; their results come back in order.
 * **Deadlines.** Every request has one (``timeout``, default per batcher).  A timer fails
   the caller at the deadline with :class:`~batchserve.errors.DeadlineExceededError`, and
@@ -40,7 +46,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from batchserve.aio import wait_event
 from batchserve.backends.base import Backend, batch_deadline
@@ -164,6 +170,7 @@ class _Request:
     taken: int = 0  # items already handed to batches
     missing: int = field(init=False)  # items still without a result
     timer: asyncio.TimerHandle | None = None
+    lengths: list[int] | None = None  # tokens per item, with a token budget
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
@@ -198,6 +205,10 @@ class BatcherStats:
     items: int = 0
     compute_seconds: float = 0.0
     errors: collections.Counter = field(default_factory=collections.Counter)
+    # with a token budget: passes run, and tokens in them (real; padded = rows x longest)
+    passes: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- batcher
@@ -209,6 +220,9 @@ class Batcher:
     ``model`` is anything :func:`batchserve.model.as_model` accepts (a function, a class
     with ``load``/``predict``, an instance, ``"module:attr"``), a :class:`ModelSpec`, or a
     ready :class:`Backend`; a model runs on a :class:`ThreadBackend`.
+
+    ``length`` and ``max_batch_tokens`` turn on token budgets (see the module docstring):
+    ``length(item)`` is called once per item, on the batcher's loop, when it is submitted.
     """
 
     def __init__(
@@ -220,6 +234,8 @@ class Batcher:
         max_queue_size: int = 1024,
         timeout: float = 30.0,
         name: str = "model",
+        length: Callable[[Any], int] | None = None,
+        max_batch_tokens: int | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -229,7 +245,11 @@ class Batcher:
             raise ValueError("max_queue_size must be at least 1")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if max_batch_tokens is not None and (length is None or max_batch_tokens < 1):
+            raise ValueError("max_batch_tokens needs a length function and must be at least 1")
         self.backend: Backend = as_backend(model)
+        self.length = length
+        self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency
         self.max_queue_size = max_queue_size
@@ -416,9 +436,10 @@ class Batcher:
             return []
         timeout = self.timeout if timeout is None else timeout
         self._admit(len(items), timeout)
+        lengths = self._measure(items) if self.max_batch_tokens is not None else None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        request = _Request(items, now, loop.create_future())
+        request = _Request(items, now, loop.create_future(), lengths=lengths)
         request.timer = loop.call_at(now + timeout, self._expire, request, timeout)
         request.future.add_done_callback(lambda _: self._forget(request))
         self._queue.append(request)
@@ -440,6 +461,16 @@ class Batcher:
             raise OverloadedError(
                 f"queue full ({self._queued_items} items waiting)", retry_after=self._retry_after()
             )
+
+    def _measure(self, items: list) -> list[int]:
+        """Tokens of each item, from the ``length`` function; a failure is the caller's error."""
+        try:
+            lengths = [int(self.length(item)) for item in items]
+        except Exception as error:
+            raise InputError(f"cannot measure the length of an input: {type(error).__name__}: {error}") from None
+        if any(length < 0 for length in lengths):
+            raise InputError("the length function returned a negative length")
+        return lengths
 
     def _retry_after(self) -> float:
         """Seconds until the queue has likely drained."""
@@ -507,7 +538,11 @@ class Batcher:
 
     async def _run_batch(self, batch: Batch) -> None:
         try:
-            await self._compute(batch, retried=False)
+            if self.max_batch_tokens is None:
+                await self._compute(batch, retried=False)
+            else:
+                for piece in self._passes(batch):
+                    await self._compute(piece, retried=False)
         except asyncio.CancelledError:
             for request, _ in batch:
                 request.fail(NotReadyError("batcher shut down while this request ran"))
@@ -519,6 +554,17 @@ class Batcher:
         finally:
             self._inflight -= 1
             self._changed.set()
+
+    def _passes(self, batch: Batch) -> list[Batch]:
+        """The batch as length-grouped passes within the token budget (see :func:`length_passes`)."""
+        lengths = [request.lengths[index] for request, index in batch]
+        groups = length_passes(lengths, self.max_batch_size, self.max_batch_tokens)
+        passes = [[batch[position] for position in group] for group in groups]
+        stats = self.stats
+        stats.passes += len(passes)
+        stats.real_tokens += sum(lengths)
+        stats.padded_tokens += sum(len(group) * max(lengths[p] for p in group) for group in groups)
+        return passes
 
     async def _compute(self, batch: Batch, retried: bool) -> None:
         live = [(request, index) for request, index in batch if not request.future.done()]
@@ -569,6 +615,28 @@ class Batcher:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def length_passes(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Positions of ``lengths`` grouped into passes: sorted by length, each pass at most
+    ``max_rows`` rows and ``rows x longest <= max_tokens`` (a longer item goes alone).
+
+    Sorting first makes each pass's rows similar in length, so padding (the tokens between a
+    row's length and the pass's longest) stays small; filling each pass up to the budget
+    keeps the passes few.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for position in order:
+        # ascending order: this item is the longest of the pass it joins
+        if current and (len(current) + 1 > max_rows or (len(current) + 1) * lengths[position] > max_tokens):
+            passes.append(current)
+            current = []
+        current.append(position)
+    if current:
+        passes.append(current)
+    return passes
 
 
 def _as_output_list(outputs: Any, expected: int) -> list:

@@ -76,6 +76,7 @@ def serve(
     max_batch_size: int = option("max_batch_size"),
     max_latency: float = option("max_latency"),
     max_queue_size: int = option("max_queue_size"),
+    max_batch_tokens: Optional[int] = option("max_batch_tokens"),
     timeout: float = option("timeout"),
     max_timeout: float = option("max_timeout"),
     max_body_bytes: int = option("max_body_bytes"),
@@ -184,6 +185,7 @@ def worker(
     threads_per_worker: Optional[int] = option("threads_per_worker", help="torch threads per model process (default: cores // workers)"),
     max_batch_size: int = option("max_batch_size"),
     max_latency: float = option("max_latency"),
+    max_batch_tokens: Optional[int] = option("max_batch_tokens"),
     visibility_timeout: float = option("visibility_timeout"),
     log_level: LogLevel = option("log_level"),
 ) -> None:

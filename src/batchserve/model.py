@@ -9,6 +9,10 @@ A model is either
 ``predict`` returns exactly one output per input, in order.  A :class:`ModelSpec`
 names a model by reference (an object, or ``"module:attr"``) so worker processes
 can build their own copy.
+
+A model may also declare, on its class, ``batch_length(item) -> int`` (a static method:
+the item's cost in tokens) and ``max_batch_tokens`` (an int): its batches then run as
+length-grouped passes within that token budget (see :mod:`batchserve.batching`).
 """
 
 from __future__ import annotations
@@ -101,6 +105,16 @@ class ModelSpec:
 
     def build(self) -> Model:
         return as_model(self.target, self.args, self.kwargs)
+
+    def declared(self, name: str) -> Any:
+        """The attribute ``name`` that the model declares on its class or object, or None.
+
+        Read in the front process, before any worker loads the model: this is how a model
+        declares batching hints (``batch_length(item) -> int`` as a static method, and
+        ``max_batch_tokens``) without being loaded.
+        """
+        target = import_object(self.target) if isinstance(self.target, str) else self.target
+        return getattr(target, name, None)
 
 
 def model_name(target: Any) -> str:

@@ -54,6 +54,10 @@ class BatchingSettings(_Group):
     max_batch_size: int = Field(64, ge=1, description="most items in one batch")
     max_latency: float = Field(0.01, ge=0, description="longest batching wait, seconds from the oldest queued item")
     max_queue_size: int = Field(1024, ge=1, description="queued items past which requests get 503")
+    max_batch_tokens: int | None = Field(
+        None, ge=1,
+        description="token budget of one pass (rows x longest), for models that declare batch_length (default: the model's own)",
+    )
     timeout: float = Field(30.0, gt=0, description="default per-request deadline, seconds")
     max_timeout: float = Field(600.0, gt=0, description="largest deadline a client may ask for (X-Request-Timeout)")
 

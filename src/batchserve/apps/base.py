@@ -69,8 +69,13 @@ class Service:
 
 
 def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
-    """A batcher for one model, on the backend and with the limits the settings name."""
+    """A batcher for one model, on the backend and with the limits the settings name.
+
+    A model that declares ``batch_length`` runs in token-budgeted passes: of
+    ``--max-batch-tokens``, else of its own ``max_batch_tokens``."""
     batching = settings.batching
+    length = spec.declared("batch_length")
+    budget = (batching.max_batch_tokens or spec.declared("max_batch_tokens")) if length is not None else None
     return Batcher(
         create_backend(spec, settings, name),
         max_batch_size=batching.max_batch_size,
@@ -78,6 +83,8 @@ def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
         max_queue_size=batching.max_queue_size,
         timeout=batching.timeout,
         name=name,
+        length=length if budget else None,
+        max_batch_tokens=budget or None,
     )
 
 

@@ -35,6 +35,12 @@ class BatcherCollector:
         compute = CounterMetricFamily(
             "batchserve_compute_seconds", "Time spent in predict()", labels=["model"]
         )
+        tokens = CounterMetricFamily(
+            "batchserve_batch_tokens",
+            "Tokens in the passes run (models with a token budget): real, and padded (rows x longest)",
+            labels=["model", "kind"],
+        )
+        passes = CounterMetricFamily("batchserve_passes", "Passes run (models with a token budget)", labels=["model"])
         for batcher in self.batchers():
             depth.add_metric([batcher.name], batcher.queue_depth)
             inflight.add_metric([batcher.name], batcher.inflight)
@@ -42,7 +48,11 @@ class BatcherCollector:
             stats = batcher.stats
             sizes.add_metric([batcher.name], _cumulative(stats.batch_sizes), stats.items)
             compute.add_metric([batcher.name], stats.compute_seconds)
-        yield from (depth, inflight, workers_up, sizes, compute)
+            if batcher.max_batch_tokens is not None:
+                tokens.add_metric([batcher.name, "real"], stats.real_tokens)
+                tokens.add_metric([batcher.name, "padded"], stats.padded_tokens)
+                passes.add_metric([batcher.name], stats.passes)
+        yield from (depth, inflight, workers_up, sizes, compute, tokens, passes)
 
 
 class Metrics:
