@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from batchserve.backends.redis import RedisBackend
+from batchserve.batching import Batcher
 from batchserve.compat import RedisStreamer
+from batchserve.errors import NotReadyError
+from tests import quiet_exit
 from tests.conftest import ROOT
 from tests.redis_fixtures import needs_redis, redis_server, start_worker, wait_for_workers  # noqa: F401
 
@@ -88,3 +94,79 @@ def test_service_streamer_redis_names(redis_server, run_script):
     finally:
         pool.destroy_workers()
         single.destroy_workers()
+
+
+SERVICE_STREAMER_SHAPE = """
+    import json, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    import redis
+    from batchserve.compat import RedisStreamer, run_redis_workers_forever
+    from tests.redis_models import Scaler, negate
+
+    broker = sys.argv[1]
+    for model, options in ((Scaler, {"worker_num": 2, "prefix": "scaled", "model_init_kwargs": {"factor": 3}}),
+                           (negate, {"worker_num": 1, "prefix": "negated"})):
+        threading.Thread(target=run_redis_workers_forever, args=(model, 8, 0.05),
+                         kwargs={"redis_broker": broker, **options}, daemon=True).start()
+    leases = redis.Redis.from_url(f"redis://{broker}")
+    before = [leases.zcard(f"batchserve:{prefix}:model:workers") for prefix in ("scaled", "negated")]
+    scaled = RedisStreamer(broker, prefix="scaled", worker_timeout=90)
+    negated = RedisStreamer(broker, prefix="negated", worker_timeout=90)
+    with ThreadPoolExecutor(8) as pool:  # at once, while the workers still load
+        scaled_calls = [pool.submit(scaled.predict, [n, n + 1]) for n in range(20)]
+        negated_calls = [pool.submit(negated.predict, [n]) for n in range(20)]
+        print(json.dumps({
+            "leases_before": before,
+            "scaled": [call.result() for call in scaled_calls],
+            "negated": [call.result() for call in negated_calls],
+        }))
+"""
+
+
+def test_service_streamer_shape_workers_in_threads_then_predict_at_once(redis_server):
+    """service-streamer's own test: workers started in threads, calls made before they are up."""
+    done = quiet_exit.run_script(SERVICE_STREAMER_SHAPE, f"127.0.0.1:{redis_server.port}", timeout=180)
+    quiet_exit.assert_quiet(done)
+    answers = json.loads(done.stdout)
+    assert answers["leases_before"] == [0, 0], "the calls were made before any worker was up"
+    assert answers["scaled"] == [[3 * n, 3 * n + 3] for n in range(20)]
+    assert answers["negated"] == [[-n] for n in range(20)]
+
+
+def test_redis_streamer_waits_for_a_late_worker_and_times_out_without_one(redis_server, start_worker):
+    url = redis_server.url()
+    client = redis_server.client()
+    lonely = RedisStreamer(url, prefix="nobody", worker_timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            lonely.predict([1])
+        with pytest.raises(TimeoutError):
+            lonely.submit([2]).result(timeout=None)
+        elapsed = time.monotonic() - started
+    finally:
+        lonely.destroy_workers()
+    assert 1.8 <= elapsed < 6.0, elapsed  # each call waited its worker_timeout, then gave up
+    assert client.xlen("batchserve:nobody:model:requests") == 0, "nothing was left for a future worker"
+
+    start_worker("--redis-url", url, "--model", "model=tests.redis_models:negate", "--prefix", "late")
+    patient = RedisStreamer(url, prefix="late", worker_timeout=90)
+    try:
+        assert client.zcard("batchserve:late:model:workers") == 0  # the worker is still starting
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(patient.predict, [[n, n + 1] for n in range(8)]))
+    finally:
+        patient.destroy_workers()
+    assert answers == [[-n, -n - 1] for n in range(8)]
+
+
+def test_the_redis_backend_still_refuses_at_once_without_workers_by_default(redis_server):
+    """What the HTTP front (``serve --backend redis``) uses: a fast 503, no waiting."""
+    batcher = Batcher(RedisBackend(redis_server.url(), "model", prefix="nobody"), timeout=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(NotReadyError, match="no worker serves 'model'"):
+            batcher.predict([1])
+        assert time.monotonic() - started < 2.0
+    finally:
+        batcher.stop()
