@@ -1,16 +1,22 @@
-"""Shared fixtures: a real `batchserve serve` process on a free loopback port."""
+"""Shared fixtures: the app in this process (``serve_app``, ``in_process``), and a real
+`batchserve serve` process on a free loopback port where a process matters (``start_server``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import AsyncIterator
 
 import httpx
 import pytest
+
+from batchserve.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +103,52 @@ def generation_server():
     )
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- in process
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    settings: Settings | None = None, *, ready_timeout: float | None = 120.0, **options
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The server's app, ``create_app(settings)``, in this process: its lifespan entered (the
+    services start as under uvicorn) and an httpx client on its ASGI transport.  The same
+    routes, error handlers and middleware (body limit, request metrics) as the real server,
+    without a socket.  Settings, or flat options as the CLI takes them (``models=[...],
+    max_batch_size=8``).  Waits until ``/readyz`` is 200 unless ``ready_timeout`` is None;
+    on exit the client and every service are closed.
+    """
+    from batchserve.server.app import create_app
+
+    if settings is None:
+        settings = Settings.from_options(**options)
+    elif options:
+        raise TypeError("give Settings or options, not both")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if ready_timeout is not None:
+                await wait_ready(client, ready_timeout)
+            yield client
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (ready := await client.get("/readyz")).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"app not ready in {timeout} s: {ready.text}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def serve_app():
+    """Call (awaited) with Settings or CLI-style options: an httpx client on the app, in this
+    process and ready (see :func:`in_process`); every app started is closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Settings | None = None, **options) -> httpx.AsyncClient:
+            return await stack.enter_async_context(in_process(settings, **options))
+
+        yield start
