@@ -34,6 +34,7 @@ test: venv system-deps
 soak: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BIN)/python benchmarks/soak.py --seconds 480
+	$(MAKE) image-test
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
@@ -55,6 +56,18 @@ bench-generation: venv
 # redis mode (one worker host x 2, two hosts x 1) vs the process backend, 2 workers each (issue 4)
 bench-redis: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
+
+# the container image (deploy/Dockerfile) with docker when a daemon answers, else with buildah
+# (installed when missing); on a local Debian base when python:3.11-slim cannot be pulled
+IMAGE ?= batchserve:latest
+.PHONY: image image-test
+
+image:
+	IMAGE=$(IMAGE) deploy/build-image.sh
+
+# runs the image and checks it (tests/deploy); `image` first: seconds when nothing changed
+image-test: venv image
+	HF_HUB_OFFLINE=1 BATCHSERVE_IMAGE=$(IMAGE) $(BIN)/python -m pytest -q -m slow tests/deploy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
