@@ -8,6 +8,8 @@ class BatchserveError(Exception):
 
     status_code = 500
     kind = "internal"
+    #: the request field at fault, when there is one (OpenAI's ``error.param``)
+    param: str | None = None
 
     @property
     def message(self) -> str:
@@ -58,10 +60,28 @@ class WorkerDiedError(BatchserveError):
 
 
 class InputError(BatchserveError, ValueError):
-    """The request itself is not acceptable (HTTP 422)."""
+    """The request itself is not acceptable (HTTP 422); ``param`` names the field at fault."""
 
     status_code = 422
     kind = "invalid_request"
+
+    def __init__(self, message: str = "invalid request", param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InputError):
+    """The prompt, plus the tokens asked for, does not fit in the model's context (HTTP 422)."""
+
+    kind = "context_length_exceeded"
+
+
+class ModelNotFoundError(BatchserveError):
+    """The request names a model this server does not serve there (HTTP 404)."""
+
+    status_code = 404
+    kind = "model_not_found"
+    param = "model"
 
 
 class ClientDisconnectedError(BatchserveError):

@@ -1,7 +1,13 @@
-"""Every error becomes a JSON body ``{"error": {"message", "type"}}`` with its status.
+"""Every error becomes a JSON body with its status.
 
-422 validation, 413 body too large, 503 overload/not ready (with ``Retry-After``),
-504 deadline, 500 model error (the message, never a traceback).
+422 validation, 413 body too large, 404 unknown route or model, 503 overload/not ready
+(with ``Retry-After``), 504 deadline, 500 model error (the message, never a traceback).
+
+``/v1/*`` routes answer in OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}`` (:func:`batchserve.apps.openai.error_body`: ``type`` is OpenAI's
+``invalid_request_error`` / ``server_error``, ``code`` batchserve's kind), so OpenAI's clients
+raise their typed errors; every other route answers ``{"error": {"message", "type"}}`` with
+``type`` batchserve's kind.
 """
 
 from __future__ import annotations
@@ -13,14 +19,34 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from batchserve.errors import BatchserveError, ClientDisconnectedError, NotReadyError, OverloadedError
+from batchserve.apps.openai import ErrorBody, error_body, is_openai_path
 from batchserve.apps.responses import FastJSONResponse
+from batchserve.errors import BatchserveError, ClientDisconnectedError, NotReadyError, OverloadedError
 
 log = logging.getLogger("batchserve.server")
 
+HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
-def error_response(status: int, kind: str, message: str, headers: dict | None = None, **extra) -> FastJSONResponse:
-    body = {"error": {"message": message, "type": kind, **extra}}
+#: the errors every service route may answer, as the OpenAPI spec documents them
+ERROR_RESPONSES = {
+    413: {"model": ErrorBody, "description": "the request body is larger than --max-body-bytes"},
+    422: {"model": ErrorBody, "description": "invalid request: the message names the field and the limit"},
+    503: {"model": ErrorBody, "description": "overloaded or not ready: retry after Retry-After seconds"},
+    504: {"model": ErrorBody, "description": "the request's deadline passed before its answer was ready"},
+}
+
+
+def error_content(path: str, status: int, kind: str, message: str, param: str | None = None, **extra) -> dict:
+    """The error body for ``path``: OpenAI's shape under ``/v1/``, batchserve's elsewhere."""
+    if is_openai_path(path):
+        return error_body(status, kind, message, param, **extra)
+    return {"error": {"message": message, "type": kind, **extra}}
+
+
+def error_response(
+    request: Request, status: int, kind: str, message: str, headers: dict | None = None, param: str | None = None, **extra
+) -> FastJSONResponse:
+    body = error_content(request.url.path, status, kind, message, param, **extra)
     return FastJSONResponse(body, status_code=status, headers=headers)
 
 
@@ -39,27 +65,37 @@ async def on_batchserve_error(request: Request, error: BatchserveError) -> FastJ
         headers = {"Retry-After": str(math.ceil(error.retry_after))}
     if error.status_code >= 500 and error.kind == "model":
         log.warning("model error on %s: %s", request.url.path, error.message)
-    return error_response(error.status_code, error.kind, error.message, headers)
+    return error_response(request, error.status_code, error.kind, error.message, headers, param=error.param)
+
+
+#: pydantic error types whose name is a more precise ``code`` than ``invalid_request``
+NAMED_PROBLEMS = {"unsupported_parameter", "unsupported_value"}
 
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> FastJSONResponse:
     count_error(request, "invalid_request")
-    problems = [_describe(problem) for problem in error.errors()]
+    errors = error.errors()
+    problems = [_describe(problem) for problem in errors]
     message = "; ".join(problems[:5]) or "invalid request"
-    return error_response(422, "invalid_request", message, details=problems)
+    first = errors[0] if errors else {}
+    kind = first.get("type") if first.get("type") in NAMED_PROBLEMS else "invalid_request"
+    return error_response(request, 422, kind, message, param=_param(first), details=problems)
 
 
 async def on_http_error(request: Request, error: HTTPException) -> FastJSONResponse:
-    kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(error.status_code, "http_error")
-    if error.status_code >= 400:
+    status, message = error.status_code, str(error.detail)
+    if status == 400:  # FastAPI's "There was an error parsing the body": a bad body is a 422 like any other
+        status, message = 422, f"the request body could not be parsed: {message}"
+    kind = HTTP_KINDS.get(status, "invalid_request" if status == 422 else "http_error")
+    if status >= 400:
         count_error(request, kind)
-    return error_response(error.status_code, kind, str(error.detail), getattr(error, "headers", None))
+    return error_response(request, status, kind, message, getattr(error, "headers", None))
 
 
 async def on_unexpected_error(request: Request, error: Exception) -> FastJSONResponse:
     count_error(request, "internal")
     log.exception("unexpected error on %s", request.url.path)
-    return error_response(500, "internal", f"internal error: {type(error).__name__}")
+    return error_response(request, 500, "internal", f"internal error: {type(error).__name__}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -73,3 +109,16 @@ def _describe(problem: dict) -> str:
     where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
     message = problem.get("msg", "invalid")
     return f"{where}: {message}" if where else message
+
+
+def _param(problem: dict) -> str | None:
+    """OpenAI's ``param``: the body field at fault (``messages.0.role``), or the header's name."""
+    location = list(problem.get("loc", ()))
+    if not location:
+        return None
+    if location[0] in ("header", "query", "path"):
+        return str(location[1]) if len(location) > 1 else None
+    fields = [part for part in location if part != "body"]
+    if not fields or isinstance(fields[0], int):  # the body as a whole (not JSON, say)
+        return None
+    return ".".join(str(part) for part in fields)
