@@ -95,8 +95,16 @@ def deadline_dependency(settings: Settings):
     """A FastAPI dependency reading the per-request deadline header (seconds)."""
     default, limit = settings.batching.timeout, settings.batching.max_timeout
 
+    def number_schema(schema: dict) -> None:  # parsed below, for messages that name the header
+        schema.clear()
+        schema.update({"type": "number", "exclusiveMinimum": 0, "maximum": limit})
+
     def request_timeout(
-        x_request_timeout: str | None = Header(default=None, description="deadline in seconds"),
+        x_request_timeout: str | None = Header(
+            default=None,
+            description=f"deadline in seconds, at most {limit:g} (default {default:g})",
+            json_schema_extra=number_schema,
+        ),
     ) -> float:
         if x_request_timeout is None:
             return default

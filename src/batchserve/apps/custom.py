@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.apps.openai import ErrorBody
 from batchserve.batching import Batcher
 from batchserve.model import ModelSpec, as_model, import_object, model_name
 from batchserve.apps.responses import FastJSONResponse
@@ -43,7 +44,12 @@ def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
     router = APIRouter(tags=["models"])
     request_timeout = deadline_dependency(settings)
 
-    @router.post("/models/{name}/predict", response_model=PredictResponse, summary="Run a served model")
+    @router.post(
+        "/models/{name}/predict",
+        response_model=PredictResponse,
+        summary="Run a served model",
+        responses={404: {"model": ErrorBody, "description": "no model of that name is served"}},
+    )
     async def predict(name: str, body: PredictRequest, timeout: float = Depends(request_timeout)):
         batcher = batchers.get(name)
         if batcher is None:

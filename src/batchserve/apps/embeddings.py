@@ -7,14 +7,14 @@ loaded offline from its package directory by an encoder runtime (:mod:`batchserv
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
-from batchserve.apps.openai import usage
+from batchserve.apps.openai import MODEL_NOT_FOUND, served_model, texts_of, usage
 from batchserve.apps.responses import FastJSONResponse
 from batchserve.batching import Batcher
 from batchserve.devices import pick_torch_device
@@ -24,6 +24,8 @@ from batchserve.runtimes import EncoderRuntime, encoder_class
 from batchserve.settings import Settings
 
 MODEL_NAME = "all-MiniLM-L6-v2"
+ROUTE = "/v1/embeddings"
+DIMENSIONS = 384  # all-MiniLM-L6-v2's
 MAX_INPUTS = 2048
 MAX_SENTENCES = 1024
 CPU_PASS = 16  # texts per forward pass on a CPU (see EmbeddingModel.texts_per_pass)
@@ -77,23 +79,37 @@ class EmbeddingModel:
 # --------------------------------------------------------------------------- schemas
 
 
+Text = Annotated[str, Field(min_length=1)]
+
+
 class EmbeddingRequest(BaseModel):
-    input: str | list[str] = Field(description="a text or a list of texts")
-    model: str | None = None
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
+        description=f"a text or a list of 1 to {MAX_INPUTS} texts"
+    )
+    model: str | None = Field(None, description=f"{MODEL_NAME}, the one model served here (absent: the same)")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, Field(ge=DIMENSIONS, le=DIMENSIONS)] | None = Field(
+        None, description=f"the model's own dimension ({DIMENSIONS}) only"
+    )
     user: str | None = None
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
-    def check_input(cls, value: str | list[str]) -> str | list[str]:
-        texts = [value] if isinstance(value, str) else value
+    def check_input(cls, value: Any) -> Any:
+        texts = texts_of(value, "input")
         if not texts:
             raise ValueError("input must not be empty")
         if len(texts) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} inputs per request")
         if any(not text for text in texts):
             raise ValueError("input texts must not be empty strings")
+        return value
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def check_dimensions(cls, value: Any) -> Any:
+        if isinstance(value, int) and value != DIMENSIONS:
+            raise ValueError(f"{MODEL_NAME} gives {DIMENSIONS} dimensions; 'dimensions' must be {DIMENSIONS}")
         return value
 
 
@@ -128,8 +144,9 @@ def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
     router = APIRouter(tags=["embeddings"])
     request_timeout = deadline_dependency(settings)
 
-    @router.post("/v1/embeddings", summary="OpenAI-compatible sentence embeddings")
+    @router.post(ROUTE, summary="OpenAI-compatible sentence embeddings", responses=MODEL_NOT_FOUND)
     async def embeddings(body: EmbeddingRequest, timeout: float = Depends(request_timeout)):
+        model = served_model(body.model, MODEL_NAME, ROUTE)
         texts = [body.input] if isinstance(body.input, str) else body.input
         outputs = await batcher.submit(texts, timeout=timeout)
         dimension = len(outputs[0][0])
@@ -144,7 +161,7 @@ def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
             {
                 "object": "list",
                 "data": data,
-                "model": body.model or MODEL_NAME,
+                "model": model,
                 "usage": usage(tokens),
             }
         )

@@ -1,4 +1,5 @@
-"""Text generation: OpenAI ``/v1/completions``, ``/autocomplete`` and the editor page at ``/``.
+"""Text generation: OpenAI ``/v1/completions`` and ``/v1/chat/completions``, ``/autocomplete``
+and the editor page at ``/``.
 
 One causal LM (the bundled SmolLM2-135M-Instruct, or ``--generation-model``) runs behind a
 continuous-batching :class:`~batchserve.generation.GenerationEngine`: every concurrent
@@ -16,6 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency
+from batchserve.apps.chat import add_chat_route
 from batchserve.apps.completions import add_completions_route
 from batchserve.apps.llm import GenerationHost, GenerationService, cancel_on_disconnect, host_for
 from batchserve.apps.openai import usage
@@ -43,6 +45,7 @@ def build_router(host: GenerationHost, settings: Settings) -> APIRouter:
     router = APIRouter(tags=["generation"])
     request_timeout = deadline_dependency(settings)
     add_completions_route(router, host, request_timeout)
+    add_chat_route(router, host, request_timeout)
 
     @router.post("/autocomplete", summary="n alternative continuations of the text before the cursor")
     async def autocomplete(body: AutocompleteRequest, request: Request, timeout: float = Depends(request_timeout)):

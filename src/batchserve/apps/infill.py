@@ -13,7 +13,7 @@ import re
 import time
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from batchserve.apps.base import Service, deadline_dependency
 from batchserve.apps.llm import GenerationHost, GenerationService, cancel_on_disconnect, host_for
@@ -32,9 +32,21 @@ WORD = re.compile(r"\S+")
 
 
 class InfillRequest(BaseModel):
-    text: str = Field(min_length=1, max_length=4000, description=f"text with one or more {MASK}")
+    text: str = Field(
+        min_length=1, max_length=4000, pattern=re.escape(MASK), description=f"text with 1 to {MAX_MASKS} {MASK}"
+    )
     candidates: int = Field(5, ge=1, le=20, description="how many scored candidates to return per mask")
     seed: int | None = Field(0, description="sampling seed for the candidates (null: random)")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def check_masks(cls, value):
+        if isinstance(value, str):
+            if MASK not in value:
+                raise ValueError(f"the text has no {MASK}")
+            if value.count(MASK) > MAX_MASKS:
+                raise ValueError(f"at most {MAX_MASKS} masks per text")
+        return value
 
 
 def candidate_fills(next_tokens: list[str], continuations: list[str], suffix: str) -> list[str]:
@@ -98,10 +110,6 @@ def build_router(host: GenerationHost, settings: Settings) -> APIRouter:
     @router.post("/infill", summary=f"Fill each {MASK} of a text")
     async def infill(body: InfillRequest, request: Request, timeout: float = Depends(request_timeout)):
         parts = body.text.split(MASK)
-        if len(parts) < 2:
-            raise InputError(f"the text has no {MASK}")
-        if len(parts) - 1 > MAX_MASKS:
-            raise InputError(f"at most {MAX_MASKS} masks per text")
         engine = host.running_engine()
         deadline = time.monotonic() + timeout  # one deadline for every mask and step
         text, fills = parts[0], []

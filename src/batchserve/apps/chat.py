@@ -1,0 +1,237 @@
+"""OpenAI-compatible ``POST /v1/chat/completions`` on the generation engine.
+
+The conversation is rendered by the model's own chat template (from its tokenizer, with
+the assistant's turn opened) and generated like a completion of that text: the same engine,
+the same continuous batch, ``n`` choices from one prefill.  So greedy chat output equals a
+greedy ``/v1/completions`` of the rendered template.
+
+A stream sends, per choice, a chunk with ``delta.role`` first, then ``delta.content``
+chunks as text comes, then a chunk with its ``finish_reason``; then the usage chunk when
+``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
+
+OpenAI fields that would change the answer and are not implemented here (tools, response
+formats, logprobs, penalties, audio...) are refused with a 422 that names them, unless
+given their no-op value (null, ``tool_choice: "none"``, ``response_format: {"type": "text"}``,
+``logprobs: false``, a penalty of 0...).  Unknown fields are refused too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from batchserve.apps.llm import GenerationHost
+from batchserve.apps.openai import MODEL_NOT_FOUND, served_model
+from batchserve.apps.textgen import (
+    MAX_TOKENS,
+    SamplingFields,
+    event_stream,
+    not_supported,
+    response_header,
+    results,
+    sse_response,
+    submit_all,
+    total_usage,
+)
+from batchserve.errors import ContextLengthError, InputError
+from batchserve.generation import GenerationEngine
+
+ROUTE = "/v1/chat/completions"
+MAX_MESSAGES = 1024
+#: max_tokens when neither max_tokens nor max_completion_tokens is given (less if the context is fuller)
+DEFAULT_MAX_TOKENS = 1024
+ROLES = ("system", "developer", "user", "assistant")
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is taken as system")
+    content: str | Annotated[list[TextPart], Field(min_length=1)] = Field(description="text, or text parts (joined by newlines)")
+    name: str | None = Field(None, description="accepted and ignored (the chat template has no place for it)")
+    tool_calls: None = Field(None, description="not supported")
+    function_call: None = Field(None, description="not supported")
+
+    check_tools = field_validator("tool_calls", "function_call", mode="before")(not_supported([[]], "no tool calling"))
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def check_role(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ROLES:
+            raise PydanticCustomError(
+                "unsupported_value", "role '{role}' is not supported: use system, developer, user or assistant",
+                {"role": value},
+            )
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def check_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported_value", "only text content parts are supported, not '{kind}'", {"kind": kind}
+                    )
+        return value
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+
+
+class ChatRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="deprecated by OpenAI for max_completion_tokens; either")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS,
+        description=f"default: {DEFAULT_MAX_TOKENS}, or what is left of the model's context if less",
+    )
+    # accepted and ignored: they do not change the answer
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = Field(None, description="ignored: there are no tools")
+    # not implemented: null, or the value that changes nothing (named in the description), only
+    tools: None = Field(None, description="not supported (null or [])")
+    tool_choice: None = Field(None, description='not supported (null or "none")')
+    functions: None = Field(None, description="not supported (null or [])")
+    function_call: None = Field(None, description='not supported (null or "none")')
+    response_format: None = Field(None, description='not supported (null or {"type": "text"})')
+    logprobs: None = Field(None, description="not supported (null or false)")
+    top_logprobs: None = Field(None, description="not supported (null or 0)")
+    logit_bias: None = Field(None, description="not supported (null or {})")
+    presence_penalty: None = Field(None, description="not supported (null or 0)")
+    frequency_penalty: None = Field(None, description="not supported (null or 0)")
+    modalities: None = Field(None, description='not supported (null or ["text"])')
+    audio: None = Field(None, description="not supported")
+    prediction: None = Field(None, description="not supported")
+    web_search_options: None = Field(None, description="not supported")
+    reasoning_effort: None = Field(None, description="not supported")
+    verbosity: None = Field(None, description="not supported")
+
+    check_tools = field_validator("tools", "functions", mode="before")(
+        not_supported([[]], "no tool calling")
+    )
+    check_tool_choice = field_validator("tool_choice", "function_call", mode="before")(
+        not_supported(["none"], "no tool calling")
+    )
+    check_format = field_validator("response_format", mode="before")(not_supported([{"type": "text"}], "text only"))
+    check_logprobs = field_validator("logprobs", mode="before")(not_supported([False]))
+    check_top_logprobs = field_validator("top_logprobs", mode="before")(not_supported([0]))
+    check_penalties = field_validator("presence_penalty", "frequency_penalty", mode="before")(not_supported([0, 0.0]))
+    check_bias = field_validator("logit_bias", mode="before")(not_supported([{}]))
+    check_modalities = field_validator("modalities", mode="before")(not_supported([["text"]], "text only"))
+    check_others = field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", mode="before")(
+        not_supported()
+    )
+
+    def asked_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --------------------------------------------------------------------------- the model, as chat sees it
+# The one place chat reads the tokenizer and the context size: adapt here if the engine's API changes.
+
+
+def chat_prompt(engine: GenerationEngine, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation in the model's own chat template, the assistant's turn opened."""
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"the model {engine.name} has no chat template: use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # a template may refuse a conversation (raise_exception in Jinja)
+        raise InputError(f"the model's chat template refused the conversation: {error}", param="messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes any special tokens
+
+
+def context_size(engine: GenerationEngine) -> int:
+    return engine.max_positions
+
+
+def completion_budget(prompt_tokens: int, asked: int | None, context: int) -> int:
+    """max_tokens for the request: what it asked, or the default; a 422 if it cannot fit."""
+    if asked is None:
+        if prompt_tokens >= context:
+            raise ContextLengthError(
+                f"the conversation ({prompt_tokens} tokens) fills the model's context of {context} tokens: "
+                "shorten the messages", param="messages",
+            )
+        return min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
+    if prompt_tokens + asked > context:
+        raise ContextLengthError(
+            f"the model's context is {context} tokens, and this request needs {prompt_tokens + asked} "
+            f"({prompt_tokens} for the messages, {asked} for the completion): shorten the messages or lower "
+            "max_completion_tokens", param="messages",
+        )
+    return asked
+
+
+# --------------------------------------------------------------------------- the route
+
+
+def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> None:
+    @router.post(
+        ROUTE, summary="OpenAI-compatible chat completions (the model's chat template, n choices, SSE streaming)",
+        responses=MODEL_NOT_FOUND,
+    )
+    async def chat_completions(body: ChatRequest, request: Request, timeout: float = Depends(request_timeout)):
+        engine = host.running_engine()
+        header = response_header("chatcmpl", "chat.completion", served_model(body.model, engine.name, ROUTE))
+        prompt = chat_prompt(engine, [message.for_template() for message in body.messages])
+        max_tokens = completion_budget(len(prompt), body.asked_tokens(), context_size(engine))
+        generations = submit_all(engine, [prompt], body.sampling(max_tokens), body.n, timeout)
+        if body.stream:
+            return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations))
+        completions = await results(request, generations)
+        choices = [
+            {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+            }
+            for choice in completions[0].choices
+        ]
+        return {**header, "choices": choices, "usage": total_usage(completions)}
+
+
+def stream(header: dict, body: ChatRequest, generations):
+    extra = {"usage": None} if body.include_usage else {}  # OpenAI: every chunk but the last has usage null
+
+    def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
+        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+
+    def chunks(_, delta):
+        if delta.text:
+            yield chunk(delta.index, {"content": delta.text}, None)
+        if delta.finish_reason is not None:
+            yield chunk(delta.index, {}, delta.finish_reason)
+
+    opening = [chunk(index, {"role": "assistant", "content": ""}, None) for index in range(body.n)]
+    usage_chunk = (lambda usage: {**header, "choices": [], "usage": usage}) if body.include_usage else None
+    return event_stream(generations, chunks, opening, usage_chunk)
