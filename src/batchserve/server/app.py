@@ -1,11 +1,21 @@
-"""The FastAPI app factory: services' routes, health, metrics, errors and limits."""
+"""The FastAPI app factory: services' routes, health, metrics, errors and limits.
+
+Models load after the server starts listening (``/readyz`` answers 503 until they are).
+If a service fails to start, the server cannot serve: :func:`_start_all` logs why and calls
+``app.state.stop_serving(message)`` when the process runner set it (``batchserve serve``
+on uvicorn, :mod:`batchserve.server.run`, and its gunicorn workers,
+:mod:`batchserve.server.gunicorn_worker`): they stop and exit with status 3 and the message
+on stderr.  Without a runner (the app mounted elsewhere, tests), ``/readyz`` stays 503 and
+names the error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Iterable
+import sys
+from typing import AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
@@ -14,8 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
-from batchserve.server import dashboard
-from batchserve.server.errors import install_error_handlers
+from batchserve.server import dashboard, model_list
+from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from batchserve.server.limits import BodyLimitMiddleware
 from batchserve.server.metrics import Metrics, RequestMetricsMiddleware
 from batchserve.apps.responses import FastJSONResponse
@@ -31,7 +41,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_all(services))
+        loading = asyncio.create_task(_start_all(services, lambda message: _cannot_serve(app, message)))
         app.state.loading = loading
         try:
             yield
@@ -51,9 +61,11 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     app.state.settings = settings
     app.state.services = services
     app.state.draining = False
+    app.state.stop_serving = None  # set by the process runner: Callable[[str], None]
     install_error_handlers(app)
     for service in services:
-        app.include_router(service.router)
+        app.include_router(service.router, responses=ERROR_RESPONSES)
+    app.include_router(model_list.build_router(services))
     _add_health_routes(app, services)
     if settings.server.metrics:
         batchers = lambda: [b for s in services for b in s.batchers.values()]  # noqa: E731
@@ -85,11 +97,21 @@ def create_preloaded_app() -> FastAPI:
     configure_logging(settings.server.log_level.value)
     app = create_app(settings)
     for service in app.state.services:
-        service.preload()
+        try:
+            service.preload()
+        except Exception as error:  # the master exits before any worker is forked
+            message = f"service {service.name} failed to load: {type(error).__name__}: {error}"
+            log.error("%s", message)
+            print(f"batchserve: cannot serve: {message}", file=sys.stderr, flush=True)
+            raise SystemExit(CANNOT_SERVE) from None
     return app
 
 
-async def _start_all(services: list[Service]) -> None:
+#: exit status of a server that could not start serving (uvicorn's and gunicorn's own)
+CANNOT_SERVE = 3
+
+
+async def _start_all(services: list[Service], cannot_serve: Callable[[str], None]) -> None:
     async def start(service: Service) -> None:
         try:
             await service.start()
@@ -98,7 +120,17 @@ async def _start_all(services: list[Service]) -> None:
             log.error("service %s failed to start: %s", service.name, service.error)
 
     await asyncio.gather(*(start(service) for service in services))
+    failed = [service for service in services if service.error]
+    if failed:
+        cannot_serve("; ".join(f"service {service.name} failed to start: {service.error}" for service in failed))
+        return
     log.info("ready: %s", ", ".join(service.name for service in services))
+
+
+def _cannot_serve(app: FastAPI, message: str) -> None:
+    stop_serving = app.state.stop_serving
+    if stop_serving is not None:
+        stop_serving(message)
 
 
 def _add_health_routes(app: FastAPI, services: list[Service]) -> None:

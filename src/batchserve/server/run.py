@@ -4,18 +4,23 @@ On the first signal ``/readyz`` turns 503 (so load balancers stop sending), the 
 keeps serving for ``drain_seconds``, then stops accepting connections, lets in-flight
 requests finish for up to ``grace`` seconds, closes the batchers and workers and exits 0.
 A second SIGINT forces an immediate exit.
+
+If a service fails to start (``app.state.stop_serving``), the server stops at once and the
+process exits with status 3, the reason on stderr.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from batchserve.server.app import CANNOT_SERVE
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.server")
@@ -27,6 +32,7 @@ class DrainingServer(uvicorn.Server):
         self.app = app
         self.drain_seconds = drain_seconds
         self.draining = False
+        self.failure: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: it would re-raise them on exit,
@@ -46,6 +52,12 @@ class DrainingServer(uvicorn.Server):
     def _stop_accepting(self) -> None:
         self.should_exit = True
 
+    def cannot_serve(self, message: str) -> None:
+        """A service failed to start: stop now (nothing to drain), and exit non-zero."""
+        self.failure = message
+        self.app.state.draining = True
+        self.should_exit = True
+
 
 def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
     server = settings.server
@@ -60,4 +72,9 @@ def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
         access_log=False,
         timeout_graceful_shutdown=server.grace,
     )
-    DrainingServer(config, app, server.drain_seconds).run()
+    runner = DrainingServer(config, app, server.drain_seconds)
+    app.state.stop_serving = runner.cannot_serve
+    runner.run()
+    if runner.failure is not None:
+        print(f"batchserve: cannot serve: {runner.failure}", file=sys.stderr, flush=True)
+        raise SystemExit(CANNOT_SERVE)
