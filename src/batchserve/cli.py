@@ -102,7 +102,16 @@ def serve(
     run_server(settings_from(**locals()))
 
 
+def check_devices(settings: Settings) -> None:
+    """A device that does not exist here is refused before any worker starts (exit status 2)."""
+    from batchserve.devices import check_devices as check
+
+    with exit_on_user_error():
+        check(settings.process.devices)
+
+
 def run_server(settings: Settings) -> None:
+    check_devices(settings)
     if settings.server.http_workers > 1:
         run_gunicorn(settings)
         return
@@ -197,6 +206,7 @@ def worker(
     settings = settings_from(
         **options, max_queue_size=WORKER_QUEUE_SIZE, backend=BackendKind.process if in_processes else BackendKind.thread
     )
+    check_devices(settings)
     with exit_on_user_error():
         run_worker(settings)
 

@@ -50,6 +50,35 @@ def _parse_one(device) -> str:
     raise ValueError(f"unknown device {device!r}; use cpu, cuda:N or a GPU index")
 
 
+def check_devices(devices: str | Iterable) -> list[str]:
+    """The parsed devices if each exists on this machine, else a ValueError naming those that do.
+
+    torch is imported (to count CUDA devices) only when a GPU is asked for.
+    """
+    parsed = parse_devices(devices)
+    gpus = [device for device in parsed if is_gpu(device)]
+    if not gpus:
+        return parsed
+    count, why = _cuda_devices()
+    missing = [device for device in gpus if int(device.partition(":")[2]) >= count]
+    if missing:
+        present = ", ".join(["cpu"] + [f"cuda:{index}" for index in range(count)])
+        raise ValueError(f"no device {', '.join(missing)} on this machine{why}; the devices here: {present}")
+    return parsed
+
+
+def _cuda_devices() -> tuple[int, str]:
+    """How many CUDA devices torch sees, and why none when it sees none."""
+    try:
+        import torch
+    except ImportError:
+        return 0, " (torch is not installed)"
+    count = torch.cuda.device_count()
+    if count == 0 and torch.version.cuda is None:
+        return 0, " (this torch is built without CUDA)"
+    return count, ""
+
+
 def is_gpu(device: str) -> bool:
     return device.startswith("cuda:")
 
