@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import pickle
 
-import httpx
 import pytest
 
 from batchserve.settings import Settings
@@ -31,23 +30,24 @@ def test_binds_to_loopback_unless_told_otherwise():
     assert "127.0.0.1" in help_text
 
 
-def test_docs_and_metrics_can_be_turned_off(start_server):
-    server = start_server("--model", "tests.fakes:echo", "--no-docs", "--no-metrics")
-    for path in ("/docs", "/openapi.json", "/metrics"):
-        assert httpx.get(f"{server.url}{path}").status_code == 404, path
-    assert httpx.post(f"{server.url}/models/echo/predict", json={"inputs": [1]}).json() == {"outputs": [1]}
+async def test_docs_and_metrics_can_be_turned_off(serve_app):
+    # the flags themselves: tests/test_cli.py::test_docs_and_metrics_can_be_turned_off
+    client = await serve_app(models=["tests.fakes:echo"], docs=False, metrics=False)
+    for path in ("/docs", "/openapi.json", "/metrics", "/dashboard", "/dashboard/stats"):
+        assert (await client.get(path)).status_code == 404, path
+    assert (await client.post("/models/echo/predict", json={"inputs": [1]})).json() == {"outputs": [1]}
 
 
-def test_pickle_payloads_over_http_are_never_loaded(start_server, tmp_path):
+async def test_pickle_payloads_over_http_are_never_loaded(serve_app, tmp_path):
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(Exploit(str(marker)))
-    server = start_server("--model", "tests.fakes:echo", "--max-body-bytes", "100000")
+    client = await serve_app(models=["tests.fakes:echo"], max_body_bytes=100000)
     for path in ("/models/echo/predict", "/v1/embeddings"):
         for content_type in ("application/octet-stream", "application/python-pickle", "application/json"):
-            reply = httpx.post(f"{server.url}{path}", content=payload, headers={"content-type": content_type})
+            reply = await client.post(path, content=payload, headers={"content-type": content_type})
             assert 400 <= reply.status_code < 500, (path, content_type, reply.status_code)
     as_text = base64.b64encode(payload).decode()
-    echoed = httpx.post(f"{server.url}/models/echo/predict", json={"inputs": [as_text]}).json()
+    echoed = (await client.post("/models/echo/predict", json={"inputs": [as_text]})).json()
     assert echoed == {"outputs": [as_text]}  # data stays data
     assert not marker.exists()
 
