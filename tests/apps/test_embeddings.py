@@ -1,15 +1,17 @@
-"""The default app on the bundled all-MiniLM-L6-v2, over real HTTP."""
+"""The default app on the bundled all-MiniLM-L6-v2, in process (create_app behind an ASGI
+transport: the server's routes, errors and body limit), one app for the module."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 
-import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from batchserve.apps.embeddings import bundled_model_path, cluster
+from tests.conftest import in_process
 
 DOG_WALKING = [
     "Dog Walking: 10 Simple Steps",
@@ -26,6 +28,16 @@ PUBLIC_SPEAKING = [
 ]
 
 
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def embeddings_app():
+    """One embeddings app (the default settings) shared by the module."""
+    async with in_process(apps=["embeddings"]) as client:
+        yield client
+
+
 @pytest.fixture(scope="module")
 def direct_model():
     """sentence-transformers itself, as a user would run the bundled model."""
@@ -34,12 +46,13 @@ def direct_model():
     return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
 
 
-def test_http_embeddings_equal_direct_encode(embeddings_server, direct_model):
+@on_module_loop
+async def test_http_embeddings_equal_direct_encode(embeddings_app, direct_model):
     texts = ["twinkle twinkle little star", "A much longer sentence about serving models in batches.", "x"]
-    reply = httpx.post(f"{embeddings_server.url}/v1/embeddings", json={"input": texts, "model": "minilm"}, timeout=30)
+    reply = await embeddings_app.post("/v1/embeddings", json={"input": texts, "model": "all-MiniLM-L6-v2"})
     assert reply.status_code == 200
     body = reply.json()
-    assert body["object"] == "list" and body["model"] == "minilm"
+    assert body["object"] == "list" and body["model"] == "all-MiniLM-L6-v2"
     assert [item["index"] for item in body["data"]] == [0, 1, 2]
     assert all(item["object"] == "embedding" for item in body["data"])
     served = np.array([item["embedding"] for item in body["data"]])
@@ -49,29 +62,29 @@ def test_http_embeddings_equal_direct_encode(embeddings_server, direct_model):
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 3
 
 
-def test_single_string_and_base64(embeddings_server, direct_model):
-    reply = httpx.post(
-        f"{embeddings_server.url}/v1/embeddings", json={"input": "hello", "encoding_format": "base64"}, timeout=30
-    ).json()
+@on_module_loop
+async def test_single_string_and_base64(embeddings_app, direct_model):
+    reply = (await embeddings_app.post("/v1/embeddings", json={"input": "hello", "encoding_format": "base64"})).json()
     assert len(reply["data"]) == 1
     vector = np.frombuffer(base64.b64decode(reply["data"][0]["embedding"]), dtype="<f4")
     assert np.abs(vector - direct_model.encode(["hello"])[0]).max() < 1e-5
 
 
-async def test_concurrent_requests_match_and_are_batched(embeddings_server, direct_model):
+@on_module_loop
+async def test_concurrent_requests_match_and_are_batched(embeddings_app, direct_model):
     texts = [f"sentence number {i} about batching" for i in range(40)]
-    async with httpx.AsyncClient(base_url=embeddings_server.url, timeout=60) as client:
-        replies = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": t}) for t in texts))
+    replies = await asyncio.gather(*(embeddings_app.post("/v1/embeddings", json={"input": t}) for t in texts))
     served = np.array([reply.json()["data"][0]["embedding"] for reply in replies])
     assert np.abs(served - direct_model.encode(texts)).max() < 1e-4  # batch padding differs slightly
-    metrics = httpx.get(f"{embeddings_server.url}/metrics").text
+    metrics = (await embeddings_app.get("/metrics")).text
     single = float(_metric(metrics, 'batchserve_batch_size_bucket{le="1",model="all-MiniLM-L6-v2"}'))
     total = float(_metric(metrics, 'batchserve_batch_size_count{model="all-MiniLM-L6-v2"}'))
     assert total > single, "some batch held more than one item"
 
 
-def test_cluster_finds_the_two_origin_story_groups(embeddings_server):
-    reply = httpx.post(f"{embeddings_server.url}/cluster", json={"sentences": DOG_WALKING + PUBLIC_SPEAKING}, timeout=30)
+@on_module_loop
+async def test_cluster_finds_the_two_origin_story_groups(embeddings_app):
+    reply = await embeddings_app.post("/cluster", json={"sentences": DOG_WALKING + PUBLIC_SPEAKING})
     assert reply.status_code == 200
     groups = sorted(sorted(group) for group in reply.json()["clusters"])
     assert groups == sorted([sorted(DOG_WALKING), sorted(PUBLIC_SPEAKING)])
@@ -84,6 +97,7 @@ def test_cluster_threshold_and_single_sentence():
     assert cluster(vectors[:1], 0.5) == [[0]]
 
 
+@on_module_loop
 @pytest.mark.parametrize(
     "path, body",
     [
@@ -96,17 +110,18 @@ def test_cluster_threshold_and_single_sentence():
         ("/cluster", {"sentences": ["a"], "threshold": 2}),
     ],
 )
-def test_malformed_bodies_are_422(embeddings_server, path, body):
-    reply = httpx.post(f"{embeddings_server.url}{path}", json=body, timeout=30)
+async def test_malformed_bodies_are_422(embeddings_app, path, body):
+    reply = await embeddings_app.post(path, json=body)
     assert reply.status_code == 422
     assert reply.json()["error"]["message"]
 
 
-def test_wrong_dimensions_and_oversize(embeddings_server):
-    reply = httpx.post(f"{embeddings_server.url}/v1/embeddings", json={"input": "x", "dimensions": 10})
+@on_module_loop
+async def test_wrong_dimensions_and_oversize(embeddings_app):
+    reply = await embeddings_app.post("/v1/embeddings", json={"input": "x", "dimensions": 10})
     assert reply.status_code == 422 and "384" in reply.json()["error"]["message"]
     huge = {"input": "word " * 300_000}
-    assert httpx.post(f"{embeddings_server.url}/v1/embeddings", json=huge).status_code == 413
+    assert (await embeddings_app.post("/v1/embeddings", json=huge)).status_code == 413
 
 
 def _metric(text: str, name: str) -> str:
