@@ -1,4 +1,5 @@
-"""/dashboard: the stats endpoint counts what happened, and the page draws it in headless Chromium."""
+"""/dashboard: the stats endpoint counts what happened (in process), and the page draws it in
+headless Chromium (a real server: the browser needs a socket)."""
 
 from __future__ import annotations
 
@@ -61,12 +62,13 @@ class BackgroundLoad:
         self.thread.join(timeout=30)
 
 
-def test_stats_endpoint_counts_requests_batches_and_errors(server):
-    before = httpx.get(f"{server.url}/dashboard/stats").json()
+async def test_stats_endpoint_counts_requests_batches_and_errors(serve_app):
+    client = await serve_app(models=[f"tests.fakes:{MODEL}"], max_batch_size=8, max_queue_size=40)  # in process
+    before = (await client.get("/dashboard/stats")).json()
     for value in (1, 2, 3):
-        assert httpx.post(f"{server.url}/models/{MODEL}/predict", json={"inputs": [value]}).json() == {"outputs": [2 * value]}
-    assert httpx.post(f"{server.url}/models/{MODEL}/predict", json={"inputs": ["poison"]}).status_code == 500
-    after = httpx.get(f"{server.url}/dashboard/stats").json()
+        assert (await client.post(f"/models/{MODEL}/predict", json={"inputs": [value]})).json() == {"outputs": [2 * value]}
+    assert (await client.post(f"/models/{MODEL}/predict", json={"inputs": ["poison"]})).status_code == 500
+    after = (await client.get("/dashboard/stats")).json()
 
     model_before, model_after = before["models"][MODEL], after["models"][MODEL]
     assert model_after["items"] - model_before["items"] == 3  # the poison batch failed: not counted
