@@ -142,14 +142,14 @@ def test_openai_client(server):
     from openai import OpenAI
 
     openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-    completion = openai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    completion = openai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert completion.choices[0].text.startswith(" Paris")
     assert completion.usage.completion_tokens == 4
 
-    several = openai.completions.create(model="smollm2", prompt=PROMPT, n=3, max_tokens=4, seed=3)
+    several = openai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT, n=3, max_tokens=4, seed=3)
     assert sorted(choice.index for choice in several.choices) == [0, 1, 2]
 
-    chunks = list(openai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    chunks = list(openai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
     assert "".join(chunk.choices[0].text for chunk in chunks) == completion.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 

@@ -126,7 +126,8 @@ def test_generation_endpoints_have_no_server_errors(case, generation_server):
     server the generation tests share.)"""
     response = case.call(base_url=generation_server.url, timeout=180)
     if response.status_code == 504:
-        assert response.json()["error"]["type"] == "deadline"
+        error = response.json()["error"]
+        assert "deadline" in (error["type"], error.get("code")), error  # /v1/*: OpenAI's shape, the kind in code
         return
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
