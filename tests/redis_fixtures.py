@@ -5,12 +5,14 @@ Import the fixtures into a test module: ``from tests.redis_fixtures import redis
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import redis
 
@@ -94,9 +96,39 @@ def wait_for_workers(client: redis.Redis, model: str, count: int, prefix: str = 
     raise TimeoutError(f"{count} workers did not come up for {model!r} (prefix {prefix!r})")
 
 
+def front_args(url: str, model: str, *extra: str) -> tuple[str, ...]:
+    """`batchserve serve` args for a front that sends ``model``'s batches through Redis at ``url``."""
+    return ("--backend", "redis", "--redis-url", url, "--model", model, "--drain-seconds", "0", *extra)
+
+
+async def load(url: str, count: int, concurrency: int, when_answered: dict) -> list[tuple[int, int, object]]:
+    """POST `count` requests, `concurrency` at a time; call when_answered[n]() after n answers."""
+    results: list[tuple[int, int, object]] = []
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(index: int) -> None:
+            async with gate:
+                response = await client.post(url, json={"inputs": [index]})
+            results.append((index, response.status_code, response.json()))
+            action = when_answered.get(len(results))
+            if action is not None:
+                action()
+
+        await asyncio.gather(*(one(index) for index in range(count)))
+    return results
+
+
 @pytest.fixture
 def redis_server():
     server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def password_redis():
+    server = RedisServer(password="s3cret")
     yield server
     server.stop()
 

@@ -1,18 +1,32 @@
-"""Two `batchserve worker --app embeddings` processes behind a `serve --backend redis` front."""
+"""The Redis worker side (batchserve.worker, `batchserve worker`): entries are parsed without
+pickle and refused clearly; a worker on SIGTERM answers what it holds; a wrong password
+stops it with a clear error; two `--app embeddings` workers behind a front equal the model."""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 
 import httpx
 import numpy as np
 import orjson
+import pytest
 
+from batchserve import wire
 from batchserve.apps.embeddings import EmbeddingModel
-from tests.redis_fixtures import needs_redis, redis_server, start_worker, wait_for_workers  # noqa: F401
-
-pytestmark = needs_redis
+from batchserve.backends.redis import StreamKeys
+from batchserve.worker import BadEntry, parse_entry
+from tests.redis_fixtures import (  # noqa: F401 - fixtures
+    WorkerProcess,
+    front_args,
+    load,
+    needs_redis,
+    password_redis,
+    redis_server,
+    start_worker,
+    wait_for_workers,
+)
 
 MODEL = "all-MiniLM-L6-v2"
 REQUESTS = 40
@@ -35,6 +49,7 @@ async def ask_all(url: str, count: int) -> list[dict]:
         return await asyncio.gather(*(one(index) for index in range(count)))
 
 
+@needs_redis
 def test_two_workers_and_a_front_equal_the_direct_model(redis_server, start_worker, start_server):
     url = redis_server.url()
     for _ in range(2):
@@ -76,3 +91,86 @@ def worker_batch_sizes(client) -> tuple[dict[int, int], int]:
         for size, count in orjson.loads(stats[b"batch_sizes"]).items():
             sizes[int(size)] = sizes.get(int(size), 0) + count
     return sizes, busy
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+@needs_redis
+def test_sigterm_worker_answers_what_it_holds_and_leaves_the_rest(redis_server, start_worker, start_server):
+    url = redis_server.url()
+    # 5 s: long enough that a CI stall is not taken for a dead worker; an entry the leaving
+    # worker left pending would still be reclaimed (and logged) before the load ends
+    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "5")
+    leaving = start_worker(*worker_args)
+    staying = start_worker(*worker_args)
+    wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)
+    front = start_server(*front_args(url, "tests.redis_models:slow_double"))
+
+    results = asyncio.run(
+        load(f"{front.url}/models/slow_double/predict", 100, concurrency=30, when_answered={20: leaving.process.terminate})
+    )
+    assert leaving.process.wait(timeout=20) == 0, "a SIGTERM stops the worker cleanly"
+    assert sorted(index for index, _, _ in results) == list(range(100))
+    assert all((status, body) == (200, {"outputs": [index * 2]}) for index, status, body in results)
+    assert "reclaimed" not in staying.stop(), "the leaving worker left nothing pending"
+
+
+@needs_redis
+def test_wrong_password_stops_the_worker_with_a_clear_error(password_redis):
+    worker = WorkerProcess("--redis-url", f"redis://:wrong@127.0.0.1:{password_redis.port}/0", "--model", "tests.fakes:double")
+    try:
+        worker.process.wait(timeout=60)
+    finally:
+        output = worker.stop()
+    assert worker.process.returncode != 0
+    assert "password" in output.lower()
+
+
+# --------------------------------------------------------------------------- entries (no Redis needed)
+
+KEYS = StreamKeys("blue", "double")
+REPLY = KEYS.replies("front-1")
+
+
+class Exploit:
+    """Unpickling this would call print(): a stand-in for running any code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def fields(**values) -> dict:
+    entry = {b"id": b"r1", b"reply": REPLY.encode(), b"deadline": b"1e12", b"data": wire.dumps([1, 2])}
+    entry.update({name.encode(): value for name, value in values.items()})
+    return {name: value for name, value in entry.items() if value is not None}
+
+
+def test_a_valid_entry_is_decoded():
+    entry = parse_entry(b"1-0", fields(data=wire.dumps([np.arange(3), (1, "a")])), KEYS)
+    assert (entry.entry_id, entry.request_id, entry.reply_key, entry.deadline) == (b"1-0", "r1", REPLY, 1e12)
+    np.testing.assert_array_equal(entry.items[0], np.arange(3))
+    assert entry.items[1] == (1, "a")
+
+
+@pytest.mark.parametrize(
+    "bad, answerable, says",
+    [
+        ({"data": pickle.dumps(Exploit())}, True, "malformed"),
+        ({"data": None}, True, "'data'"),
+        ({"deadline": None}, True, "'deadline'"),
+        ({"deadline": b"soon"}, True, "malformed"),
+        ({"deadline": b"nan"}, True, "finite"),
+        ({"data": wire.dumps(5)}, True, "non-empty list"),
+        ({"data": wire.dumps([])}, True, "non-empty list"),
+        ({"reply": b"victim:key"}, False, "reply stream"),  # another model's or anybody's key
+        ({"reply": KEYS.base.encode() + b":replies:"}, False, "reply stream"),
+        ({"reply": StreamKeys("green", "double").replies("x").encode()}, False, "reply stream"),
+        ({"id": None}, False, "no id"),
+    ],
+)
+def test_bad_entries_are_refused_saying_why_and_answered_only_on_this_models_streams(bad, answerable, says, capsys):
+    with pytest.raises(BadEntry, match=says) as refused:
+        parse_entry(b"1-0", fields(**bad), KEYS)
+    assert (refused.value.reply_key == REPLY) if answerable else (refused.value.reply_key is None)
+    assert "unpickled" not in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Redis backend end to end: a real redis-server, `batchserve worker` processes, an HTTP front.
 
 Worker death under load, a Redis outage, a password-protected Redis, and hostile entries.
+The worker's own side (SIGTERM, credentials, entry parsing) is in tests/test_worker.py.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from batchserve import wire
 from tests.redis_fixtures import (  # noqa: F401 - fixtures
-    RedisServer,
     WorkerProcess,
+    front_args,
+    load,
     needs_redis,
+    password_redis,
     redis_server,
     start_worker,
     wait_for_workers,
@@ -26,29 +28,7 @@ from tests.redis_fixtures import (  # noqa: F401 - fixtures
 pytestmark = needs_redis
 
 
-def front_args(url: str, model: str, *extra: str) -> tuple[str, ...]:
-    return ("--backend", "redis", "--redis-url", url, "--model", model, "--drain-seconds", "0", *extra)
-
-
 # --------------------------------------------------------------------------- worker death
-
-
-async def load(url: str, count: int, concurrency: int, when_answered: dict) -> list[tuple[int, int, object]]:
-    """POST `count` requests, `concurrency` at a time; call when_answered[n]() after n answers."""
-    results: list[tuple[int, int, object]] = []
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
-
-        async def one(index: int) -> None:
-            async with gate:
-                response = await client.post(url, json={"inputs": [index]})
-            results.append((index, response.status_code, response.json()))
-            action = when_answered.get(len(results))
-            if action is not None:
-                action()
-
-        await asyncio.gather(*(one(index) for index in range(count)))
-    return results
 
 
 async def kill_while_holding(client, stream: str, worker: WorkerProcess, within: float = 20.0) -> None:
@@ -96,25 +76,6 @@ def test_sigkill_one_of_two_workers_under_load_answers_every_request_once(
     assert client.xpending(stream, "workers")["pending"] == 0, "every entry acked"
     assert client.xlen(stream) == 0, "answered entries are deleted"
     assert "reclaimed" in survivor.stop(), "the survivor took over the victim's entries"
-
-
-def test_sigterm_worker_answers_what_it_holds_and_leaves_the_rest(redis_server, start_worker, start_server):
-    url = redis_server.url()
-    # 5 s: long enough that a CI stall is not taken for a dead worker; an entry the leaving
-    # worker left pending would still be reclaimed (and logged) before the load ends
-    worker_args = ("--redis-url", url, "--model", "tests.redis_models:slow_double", "--visibility-timeout", "5")
-    leaving = start_worker(*worker_args)
-    staying = start_worker(*worker_args)
-    wait_for_workers(redis_server.client(), "slow_double", 2, timeout=60)
-    front = start_server(*front_args(url, "tests.redis_models:slow_double"))
-
-    results = asyncio.run(
-        load(f"{front.url}/models/slow_double/predict", 100, concurrency=30, when_answered={20: leaving.process.terminate})
-    )
-    assert leaving.process.wait(timeout=20) == 0, "a SIGTERM stops the worker cleanly"
-    assert sorted(index for index, _, _ in results) == list(range(100))
-    assert all((status, body) == (200, {"outputs": [index * 2]}) for index, status, body in results)
-    assert "reclaimed" not in staying.stop(), "the leaving worker left nothing pending"
 
 
 # --------------------------------------------------------------------------- outage
@@ -172,13 +133,6 @@ def test_redis_outage_gives_quick_503s_then_service_resumes(redis_server, start_
 
 
 # --------------------------------------------------------------------------- password, hostile entries
-
-
-@pytest.fixture
-def password_redis():
-    server = RedisServer(password="s3cret")
-    yield server
-    server.stop()
 
 
 class Exploit:
@@ -246,13 +200,3 @@ def test_password_url_no_worker_and_hostile_entries(password_redis, start_worker
     again = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [5]}, timeout=30)
     assert again.json() == {"outputs": [10]}, "the worker keeps going"
     assert worker.process.poll() is None
-
-
-def test_wrong_password_stops_the_worker_with_a_clear_error(password_redis):
-    worker = WorkerProcess("--redis-url", f"redis://:wrong@127.0.0.1:{password_redis.port}/0", "--model", "tests.fakes:double")
-    try:
-        worker.process.wait(timeout=60)
-    finally:
-        output = worker.stop()
-    assert worker.process.returncode != 0
-    assert "password" in output.lower()
