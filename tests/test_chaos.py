@@ -14,46 +14,56 @@ import time
 import httpx
 
 DEADLINE = 15.0
+REQUESTS = 200
+#: a worker is killed when this many answers have come: the kills fall inside the load
+#: however fast the machine answers (a kill every 0.5 s could all come after a fast run)
+KILL_AFTER_ANSWERS = (30, 70, 110, 150)
 CLEAR_ERRORS = {"model", "worker_died", "deadline", "not_ready", "overloaded"}
 
 
-async def _kill_workers_every(client: httpx.AsyncClient, period: float, stop: asyncio.Event) -> int:
-    kills = 0
-    while not stop.is_set():
-        await asyncio.sleep(period)
+async def _kill_a_worker(client: httpx.AsyncClient, killed: list[int], within: float = 10.0) -> None:
+    """SIGKILL one of the model's workers, waiting (at most ``within`` s) for one to be up."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
         pids = (await client.get("/readyz")).json()["services"]["models"]["models"]["fragile"].get("pids", [])
         if pids:
+            victim = pids[len(killed) % len(pids)]
             try:
-                os.kill(pids[kills % len(pids)], signal.SIGKILL)
-                kills += 1
+                os.kill(victim, signal.SIGKILL)
             except ProcessLookupError:
-                pass
-    return kills
+                pass  # gone between /readyz and now: ask again
+            else:
+                killed.append(victim)
+                return
+        await asyncio.sleep(0.05)
 
 
 async def test_workers_killed_and_poison_inputs_under_load(start_server):
     server = start_server("--model", "tests.fakes:fragile", "--backend", "process", "--workers", "2",
                           "--max-batch-size", "8")
-    inputs = ["boom" if i % 25 == 0 else f"item{i}" for i in range(200)]
+    inputs = ["boom" if i % 25 == 0 else f"item{i}" for i in range(REQUESTS)]
     headers = {"X-Request-Timeout": str(DEADLINE)}
     async with httpx.AsyncClient(base_url=server.url, timeout=DEADLINE + 10) as client:
-        stop = asyncio.Event()
-        killer = asyncio.create_task(_kill_workers_every(client, 0.5, stop))
         pending = iter(enumerate(inputs))
         answers: dict[int, tuple[httpx.Response, float]] = {}
+        killed: list[int] = []
+        killers: list[asyncio.Task] = []
 
         async def caller() -> None:
             for index, text in pending:
                 started = time.monotonic()
                 reply = await client.post("/models/fragile/predict", json={"inputs": [text]}, headers=headers)
                 answers[index] = (reply, time.monotonic() - started)
+                if len(answers) in KILL_AFTER_ANSWERS:
+                    killers.append(asyncio.create_task(_kill_a_worker(client, killed)))
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(*(caller() for _ in range(16)))
-        stop.set()
-        kills = await killer
+        await asyncio.gather(*killers)
+        kills = len(killed)
         assert kills >= 2
-        assert sorted(answers) == list(range(200))  # nobody left hanging
+        assert kills == len(KILL_AFTER_ANSWERS), killed  # each scheduled kill found a worker to kill
+        assert sorted(answers) == list(range(REQUESTS))  # nobody left hanging
         ok = 0
         for index, (reply, seconds) in answers.items():
             assert seconds < DEADLINE + 1.0
@@ -72,4 +82,5 @@ async def test_workers_killed_and_poison_inputs_under_load(start_server):
                 break
             await asyncio.sleep(0.2)
         assert described["workers_up"] == 2
+        assert described["restarts"] >= kills  # every killed worker was replaced
         assert (await client.post("/models/fragile/predict", json={"inputs": ["again"]})).json() == {"outputs": ["AGAIN"]}
