@@ -157,6 +157,17 @@ def test_a_value_the_options_refuse_exits_2_naming_the_option(monkeypatch, args,
     assert named in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "devices, says", [("cuda:99", "no device cuda:99 on this machine"), ("tpu:0", "unknown device 'tpu:0'")]
+)
+def test_a_device_that_is_not_here_exits_2_with_one_line_before_anything_starts(monkeypatch, devices, says):
+    monkeypatch.setattr(cli, "run_gunicorn", lambda settings: pytest.fail("started with a missing device"))
+    result = CliRunner().invoke(cli.app, ["serve", "--backend", "process", "--devices", devices, "--http-workers", "2"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
+
+
 # --------------------------------------------------------------------------- the real command
 
 
