@@ -86,14 +86,6 @@ def start_server():
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def embeddings_server():
-    """One embeddings server shared by a test module."""
-    server = ServerProcess("--app", "embeddings")
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="session")
 def generation_server():
     """One generation + infill server (bundled SmolLM2) shared by the generation and editor tests."""
