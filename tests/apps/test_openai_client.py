@@ -1,0 +1,133 @@
+"""The official openai client, sync and async, streaming and not, against a real
+`batchserve serve --app generation --app embeddings` on loopback: models, chat, completions,
+embeddings, and the typed errors it raises.  One server for the module; few small generations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import openai
+import pytest
+import pytest_asyncio
+
+from tests.conftest import ServerProcess
+
+LLM = "SmolLM2-135M-Instruct"
+EMBEDDER = "all-MiniLM-L6-v2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess(
+        "--app", "generation", "--app", "embeddings", "--generation-threads", "1", "--timeout", "120", ready_timeout=300
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def aclient(server):
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
+        yield client
+
+
+def test_models_list_and_retrieve(client):
+    assert sorted(model.id for model in client.models.list()) == sorted([LLM, EMBEDDER])
+    assert client.models.retrieve(LLM).owned_by == "batchserve"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_sync_whole_and_streamed(client):
+    whole = client.chat.completions.create(model=LLM, messages=QUESTION, max_tokens=6, temperature=0)
+    (choice,) = whole.choices
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert whole.usage.prompt_tokens > 10 and whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    stream = client.chat.completions.create(
+        model=LLM, messages=QUESTION, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == choice.message.content
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@on_module_loop
+async def test_chat_async_whole_and_streamed(aclient):
+    whole, stream = await asyncio.gather(
+        aclient.chat.completions.create(model=LLM, messages=QUESTION, n=2, max_completion_tokens=4, seed=7),
+        aclient.chat.completions.create(model=LLM, messages=QUESTION, n=2, max_completion_tokens=4, seed=7, stream=True),
+    )
+    streamed = {0: "", 1: ""}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert {choice.index: choice.message.content for choice in whole.choices} == streamed  # same seed, same text
+
+
+def test_completions_sync_whole_and_streamed(client):
+    whole = client.completions.create(model=LLM, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert whole.choices[0].text.startswith(" Paris") and whole.model == LLM
+    chunks = list(client.completions.create(model=LLM, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+
+
+@on_module_loop
+async def test_completions_async_whole_and_streamed(aclient):
+    whole = await aclient.completions.create(model=LLM, prompt=["Once upon a time", "The sky is"], max_tokens=3, n=2, seed=1)
+    assert sorted(choice.index for choice in whole.choices) == [0, 1, 2, 3]
+    texts = {}
+    async for chunk in await aclient.completions.create(
+        model=LLM, prompt=["Once upon a time", "The sky is"], max_tokens=3, n=2, seed=1, stream=True
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {choice.index: choice.text for choice in whole.choices}
+
+
+def test_embeddings_sync(client):
+    # the client asks for base64 unless told, and decodes it
+    default, floats = (
+        client.embeddings.create(model=EMBEDDER, input=["a dog", "a cat"]),
+        client.embeddings.create(model=EMBEDDER, input=["a dog", "a cat"], encoding_format="float"),
+    )
+    assert [len(item.embedding) for item in default.data] == [384, 384]
+    np.testing.assert_allclose(default.data[1].embedding, floats.data[1].embedding, atol=1e-6)
+    assert default.usage.prompt_tokens > 0
+
+
+@on_module_loop
+async def test_embeddings_async(aclient):
+    reply = await aclient.embeddings.create(model=EMBEDDER, input="hello world")
+    vector = np.array(reply.data[0].embedding)
+    assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-3
+
+
+def test_typed_errors(client):
+    with pytest.raises(openai.NotFoundError) as wrong_model:
+        client.chat.completions.create(model=EMBEDDER, messages=QUESTION, max_tokens=1)
+    assert wrong_model.value.code == "model_not_found" and "/v1/chat/completions" in wrong_model.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model=LLM, input="x")
+    with pytest.raises(openai.UnprocessableEntityError) as tools:
+        client.chat.completions.create(
+            model=LLM, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        )
+    assert tools.value.param == "tools" and tools.value.code == "unsupported_parameter"
+    with pytest.raises(openai.UnprocessableEntityError) as too_long:
+        client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi " * 9000}], max_tokens=1)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.UnprocessableEntityError) as bad_n:
+        client.completions.create(model=LLM, prompt="x", n=99)
+    assert bad_n.value.param == "n" and bad_n.value.type == "invalid_request_error"
