@@ -107,7 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _describe(problem: dict) -> str:
     where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-    message = problem.get("msg", "invalid")
+    message = "unknown field" if problem.get("type") == "extra_forbidden" else problem.get("msg", "invalid")
     return f"{where}: {message}" if where else message
 
 
