@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -216,3 +218,31 @@ async def test_a_model_not_served_here_is_a_404_and_none_means_the_served_one(ht
     error = await refused(http, status=404, model="gpt-4o")
     assert error["code"] == "model_not_found" and error["param"] == "model" and MODEL in error["message"]
     assert (await chat(http, max_tokens=1))["model"] == MODEL
+
+
+@on_module_loop
+async def test_a_model_without_a_chat_template_answers_422_pointing_to_completions(http, tmp_path):
+    """The bundled model's directory without its template (as many base models come): chat is
+    refused with a message, completions still serve it."""
+    source = Path((await http.get("/readyz")).json()["services"]["generation"]["engine"]["path"])
+    plain = tmp_path / "plain-lm"
+    plain.mkdir()
+    for file in source.iterdir():
+        if file.name == "chat_template.jinja":
+            continue
+        if file.suffix == ".safetensors":
+            (plain / file.name).symlink_to(file)
+        else:
+            shutil.copy(file, plain / file.name)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config  # the template lived in its own file only
+    app = create_app(Settings.from_options(apps=["generation"], generation_model=str(plain), generation_threads=1))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300) as other:
+            await wait_ready(other, 300)
+            reply = await other.post("/v1/chat/completions", json={"messages": CONVERSATION, "max_tokens": 1})
+            assert reply.status_code == 422
+            error = reply.json()["error"]
+            assert "has no chat template" in error["message"] and "/v1/completions" in error["message"]
+            completion = await other.post("/v1/completions", json={"prompt": RENDERED, "max_tokens": 1})
+            assert completion.status_code == 200 and completion.json()["model"] == "plain-lm"
