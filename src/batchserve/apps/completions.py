@@ -68,12 +68,12 @@ def add_completions_route(router: APIRouter, host: GenerationHost, request_timeo
         if body.stream:
             return sse_response(stream(header, body, generations))
         choices = []
-        completions = await results(request, generations)
-        for prompt_index, (prompt, result) in enumerate(zip(body.prompts, completions)):
+        finished = await results(request, generations)
+        for prompt_index, (prompt, result) in enumerate(zip(body.prompts, finished)):
             for choice in result.choices:
                 text = (prompt if body.echo else "") + choice.text
                 choices.append(_choice(text, prompt_index * body.n + choice.index, choice.finish_reason))
-        return {**header, "choices": choices, "usage": total_usage(completions)}
+        return {**header, "choices": choices, "usage": total_usage(finished)}
 
 
 def stream(header: dict, body: CompletionRequest, generations):
