@@ -17,6 +17,7 @@ from batchserve.runtimes.base import EncoderRuntime
 #: encoder runtime name → class (imported when first asked for)
 ENCODERS: dict[str, str] = {
     "torch": "batchserve.runtimes.torch_encoder:TorchEncoder",
+    "onnx": "batchserve.runtimes.onnx_encoder:OnnxEncoder",
 }
 
 
