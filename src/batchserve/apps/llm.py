@@ -1,8 +1,9 @@
 """What every app that generates text shares: one loaded causal LM and its engine.
 
 The generation (``/autocomplete``, the editor), completions (``/v1/completions``) and infill
-(``/infill``) apps of one process all run on one :class:`GenerationHost`: one copy of the
-model, one continuous-batching :class:`~batchserve.generation.GenerationEngine`, every
+(``/infill``) apps of one process all run on one :class:`GenerationHost`: one causal-LM
+runtime (:data:`batchserve.runtimes.LANGUAGE_MODELS`, one copy of the model), one
+continuous-batching :class:`~batchserve.generation.GenerationEngine` driving it, every
 request a row of the same running batch.  Each app is a :class:`GenerationService`.
 """
 
@@ -17,7 +18,8 @@ from fastapi import APIRouter, Request
 from batchserve.apps.base import Service
 from batchserve.devices import pick_torch_device
 from batchserve.errors import ClientDisconnectedError, NotReadyError
-from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest, load_causal_lm
+from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest
+from batchserve.runtimes import language_model_class
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.generation")
@@ -26,6 +28,9 @@ T = TypeVar("T")
 
 #: seconds between two checks whether the HTTP client is still there
 DISCONNECT_POLL = 0.25
+
+#: the causal-LM runtime the host builds (a name in ``batchserve.runtimes.LANGUAGE_MODELS``)
+LANGUAGE_MODEL_RUNTIME = "torch"
 
 
 class GenerationHost:
@@ -51,16 +56,13 @@ class GenerationHost:
             import torch
 
             torch.set_num_threads(generation.generation_threads)  # process-wide: every torch model here
-        loaded = load_causal_lm(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
+        runtime = language_model_class(LANGUAGE_MODEL_RUNTIME)
+        lm = runtime.load(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
-        engine = GenerationEngine(loaded.model, loaded.tokenizer, limits, name=loaded.name)
+        engine = GenerationEngine(lm, limits)
         engine.start()
-        self.load_info = {
-            "path": loaded.path,
-            "load_seconds": round(loaded.load_seconds, 3),
-            "dequantize_seconds": None if loaded.converted_seconds is None else round(loaded.converted_seconds, 3),
-        }
-        log.info("generation model %s loaded in %.2f s", loaded.name, loaded.load_seconds)
+        self.load_info = {**lm.describe(), **lm.load_info}
+        log.info("generation model %s loaded by the %s runtime in %.2f s", lm.model_name, lm.name, lm.load_info.get("load_seconds", 0.0))
         self.engine = engine
 
     async def close(self) -> None:

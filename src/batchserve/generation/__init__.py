@@ -1,15 +1,16 @@
 """Text generation: a causal LM behind a continuous-batching engine.
 
-The data path: ``loading`` (GGUF → safetensors cache → model) feeds ``engine`` (the running
-batch, in its own thread), which keeps its KV cache in ``kv``, draws tokens with
-``sampling`` and turns them into streamable text with ``detokenize``; ``request`` is what
-the asyncio side holds.
+The data path: ``engine`` (the running batch, in its own thread) schedules and a causal-LM
+runtime (:mod:`batchserve.runtimes`: the model, its KV cache, its passes) executes; the
+engine draws tokens with ``sampling`` and turns them into streamable text with
+``detokenize``; ``request`` is what the asyncio side holds; ``scoring`` scores texts
+through the runtime (infill).
 """
 
 from batchserve.generation.engine import EngineLimits, GenerationEngine
-from batchserve.generation.loading import LoadedModel, load_causal_lm
 from batchserve.generation.request import Choice, ChoiceDelta, Completion, GenerationRequest
 from batchserve.generation.sampling import SamplingParams
+from batchserve.runtimes.torch_loading import LoadedModel, load_causal_lm  # the torch runtime's loader, re-exported
 
 __all__ = [
     "Choice",

