@@ -1,4 +1,4 @@
-"""The continuous-batching engine on the bundled SmolLM2, in-process.
+"""The continuous-batching engine on the bundled SmolLM2 (the torch runtime), in-process.
 
 Greedy equivalence: requests that join the running batch at different decode steps each get
 exactly the tokens ``generate()`` gives for their prompt alone.
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
-from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams, load_causal_lm
+from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
+from batchserve.runtimes.torch_lm import TorchCausalLM
 
 PROMPTS = [
     "The capital of France is",
@@ -32,13 +33,13 @@ def lm():
     # one torch thread while this module runs: on a CPU shared with other tests it is much faster
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_causal_lm()
+    yield TorchCausalLM.load()
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def engine(lm):
-    engine = GenerationEngine(lm.model, lm.tokenizer, EngineLimits(max_rows=16, max_waiting_rows=24))
+    engine = GenerationEngine(lm, EngineLimits(max_rows=16, max_waiting_rows=24))
     engine.start()
     yield engine
     engine.stop()
@@ -82,6 +83,7 @@ async def test_greedy_rows_joining_at_different_steps_match_generate_alone(lm, e
         assert got == expected, f"{prompt!r}: {lm.tokenizer.decode(got)!r} != {lm.tokenizer.decode(expected)!r}"
         assert result.choices[0].text == lm.tokenizer.decode(expected, skip_special_tokens=True)
     assert engine.active_rows == 0
+    assert lm.live == []  # every finished row's sequence was released
 
 
 async def test_n_alternatives_share_one_prefill_and_seeds_repeat(engine):
@@ -175,31 +177,6 @@ def test_stop_matcher_across_pieces():
     assert released[0] == "Hello "  # "E" could start "END": held back
 
 
-def whole_text_logprob(lm, text: str) -> float:
-    ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
-    with torch.inference_mode():
-        logprobs = lm.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    return float(logprobs.gather(1, ids[0, 1:, None]).sum())
-
-
-@pytest.mark.parametrize("budget", ["default", "tiny"])
-def test_scoring_shares_the_prefix_and_matches_each_text_scored_whole(lm, monkeypatch, budget):
-    from batchserve.generation import scoring
-
-    prefix = "Up above the world so high, like a diamond in the sky. " * 3 + "Twinkle twinkle"
-    texts = [prefix + fill for fill in (" little star.", " big star, how I wonder.", " star.", "")]
-    texts += ["A text with nothing in common.", "twinkle"]  # no shared prefix with the first group
-    if budget == "tiny":  # one row per group, three columns per pass: many passes, same scores
-        vocabulary = lm.model.get_output_embeddings().weight.shape[0]
-        monkeypatch.setattr(scoring, "LOGITS_BYTES", 3 * vocabulary * scoring.FLOAT_BYTES)
-        monkeypatch.setattr(scoring, "CACHE_COPY_BYTES", 1)
-    for group in (texts[:4], texts):
-        scores = scoring.text_logprobs(lm.model, lm.tokenizer, group)
-        assert scores == pytest.approx([whole_text_logprob(lm, text) for text in group], abs=2e-3)
-    with pytest.raises(DeadlineExceededError):  # a passed deadline stops scoring between passes
-        scoring.text_logprobs(lm.model, lm.tokenizer, texts, deadline=time.monotonic())
-
-
 async def test_idle_engine_gives_freed_memory_back_once(engine, monkeypatch):
     from batchserve.generation import engine as engine_module
 
@@ -224,7 +201,7 @@ async def test_a_failed_call_releases_its_tensors_at_once(engine):
 
     held = []
 
-    def failing(model, tokenizer):
+    def failing(lm):
         logits = torch.zeros(1024)
         held.append(weakref.ref(logits))
         raise DeadlineExceededError("scoring did not finish before the request's deadline")
