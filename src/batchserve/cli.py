@@ -12,7 +12,7 @@ from typing import Any, Iterator, List, Optional
 import typer
 from annotated_types import Ge, Le
 
-from batchserve.settings import AppName, BackendKind, LogLevel, Settings, field_info
+from batchserve.settings import AppName, BackendKind, EncoderRuntimeName, LogLevel, Quantization, Settings, field_info
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Dynamic batching for model serving."
@@ -90,6 +90,8 @@ def serve(
     redis_prefix: str = option("redis_prefix", "--prefix"),
     drain_seconds: float = option("drain_seconds"),
     grace: float = option("grace"),
+    runtime: EncoderRuntimeName = option("runtime"),
+    quantize: Quantization = option("quantize"),
     generation_model: Optional[str] = option("generation_model"),
     generation_cache_dir: Optional[str] = option("generation_cache_dir"),
     generation_max_rows: int = option("generation_max_rows"),
@@ -195,6 +197,8 @@ def worker(
     max_batch_size: int = option("max_batch_size"),
     max_latency: float = option("max_latency"),
     max_batch_tokens: Optional[int] = option("max_batch_tokens"),
+    runtime: EncoderRuntimeName = option("runtime"),
+    quantize: Quantization = option("quantize"),
     visibility_timeout: float = option("visibility_timeout"),
     log_level: LogLevel = option("log_level"),
 ) -> None:

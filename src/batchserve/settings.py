@@ -2,7 +2,8 @@
 
 The settings are grouped by the layer that reads them: :class:`BatchingSettings` (the
 batcher), :class:`ProcessSettings` (the process backend), :class:`RedisSettings` (the Redis
-backend and workers), :class:`GenerationSettings` (the generation engine),
+backend and workers), :class:`EmbeddingsSettings` (the embeddings app's runtime),
+:class:`GenerationSettings` (the generation engine),
 :class:`ServerSettings` (HTTP).  :class:`Settings` holds one of each plus what is served.
 
 The command line builds its options from these fields (:func:`batchserve.cli.option`), so
@@ -37,6 +38,21 @@ class AppName(str, enum.Enum):
     generation = "generation"
     infill = "infill"
     all = "all"
+
+
+class EncoderRuntimeName(str, enum.Enum):
+    """What runs the embeddings model (see :mod:`batchserve.runtimes`); ``auto``: onnx on a CPU, torch on a GPU."""
+
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+class Quantization(str, enum.Enum):
+    """Weights of the embeddings model: as trained, or int8 (onnx only, behind a quality gate)."""
+
+    none = "none"
+    int8 = "int8"
 
 
 class LogLevel(str, enum.Enum):
@@ -81,6 +97,16 @@ class RedisSettings(_Group):
     visibility_timeout: float = Field(10.0, ge=0.1, description="worker: seconds before a dead worker's requests are taken over")
 
 
+class EmbeddingsSettings(_Group):
+    runtime: EncoderRuntimeName = Field(
+        EncoderRuntimeName.auto, description="embeddings: auto (onnx on a CPU, torch on a GPU), onnx or torch"
+    )
+    quantize: Quantization = Field(
+        Quantization.none,
+        description="embeddings: none, or int8 weights (onnx runtime; refused at load unless cosine vs fp32 >= 0.99 mean, 0.98 min)",
+    )
+
+
 class GenerationSettings(_Group):
     generation_model: str | None = Field(
         None, description="generation/infill: a causal-LM directory or .gguf file (default: the bundled SmolLM2)"
@@ -110,6 +136,7 @@ GROUPS: dict[str, type[_Group]] = {
     "batching": BatchingSettings,
     "process": ProcessSettings,
     "redis": RedisSettings,
+    "embeddings": EmbeddingsSettings,
     "generation": GenerationSettings,
     "server": ServerSettings,
 }
@@ -124,6 +151,7 @@ class Settings(_Group):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
 

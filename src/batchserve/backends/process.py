@@ -125,6 +125,7 @@ class ProcessBackend(Backend):
         self._start_error: BaseException | None = None
         self._started = False
         self._closed = False
+        self._model_facts: dict = {}  # what the latest ready worker's model said about itself
 
     @classmethod
     def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "ProcessBackend":
@@ -210,6 +211,7 @@ class ProcessBackend(Backend):
             "devices": self.devices,
             "restarts": self.restarts,
             "pids": [w.process.pid for w in up],
+            **self._model_facts,
         }
 
     def worker_pids(self) -> list[int]:
@@ -297,6 +299,8 @@ class ProcessBackend(Backend):
             self._failures[worker.slot] = 0
             self._set_idle(worker)
             self._capacity_changed()
+            if isinstance(message[1], dict) and isinstance(message[1].get("model"), dict):
+                self._model_facts = {"model": message[1]["model"]}
             log.info("worker %s/%d ready: %s", self.name, worker.slot, message[1])
         elif kind == "load_error":
             log.error("worker %s/%d failed to load the model: %s", self.name, worker.slot, message[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from batchserve.backends.base import Backend, load_before_fork
+from batchserve.backends.base import Backend, load_before_fork, model_facts
 from batchserve.model import Model, ModelSpec
 
 
@@ -47,4 +47,4 @@ class ThreadBackend(Backend):
             self._executor = None
 
     def describe(self) -> dict:
-        return {"backend": "thread", "workers": 1, "workers_up": self.capacity}
+        return {"backend": "thread", "workers": 1, "workers_up": self.capacity, **model_facts(self.model)}

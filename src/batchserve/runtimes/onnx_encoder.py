@@ -306,8 +306,11 @@ class OnnxEncoder(EncoderRuntime):
         self.cache_dir = cache_dir
         self.min_mean_cosine = min_mean_cosine
         self.min_cosine = min_cosine
+        self.requested_threads = threads
         self.gate: dict[str, Any] | None = None
+        self.graph: Path | None = None
         self.session = None
+        self._pid = 0
         self.tokenizer = None
         self.modules: dict[str, Any] = {}
 
@@ -316,10 +319,10 @@ class OnnxEncoder(EncoderRuntime):
 
         self.modules = sentence_modules(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        threads = self.threads or default_threads()
+        threads = self.requested_threads or default_threads()
         self.threads = threads
-        graph = ensure_graph(self.path, self.precision, self.cache_dir)
-        self.session = session(graph, threads)
+        self.graph = ensure_graph(self.path, self.precision, self.cache_dir)
+        self.session, self._pid = session(self.graph, threads), os.getpid()
         if self.precision == "int8":
             self.gate = self.check_quality(session(ensure_graph(self.path, "fp32", self.cache_dir), threads))
 
@@ -368,14 +371,24 @@ class OnnxEncoder(EncoderRuntime):
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return [len(ids) for ids in encoded]
 
+    def _session(self):
+        """This process's session.  A process forked from the one that loaded the model (the
+        process backend's workers, gunicorn's HTTP workers) opens its own, with the threads it
+        was given: a session's thread pool does not survive a fork."""
+        if self._pid != os.getpid():
+            self.threads = self.requested_threads or default_threads()
+            self.session, self._pid = session(self.graph, self.threads), os.getpid()
+        return self.session
+
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self._run(self.session, texts)[0]
+        return self._run(self._session(), texts)[0]
 
     def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        return self._run(self.session, texts)
+        return self._run(self._session(), texts)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"runtime": self.name, "device": self.device, "precision": self.precision, "threads": self.threads}
+        threads = self.threads if self._pid == os.getpid() else (self.requested_threads or default_threads())
+        info: dict[str, Any] = {"runtime": self.name, "device": self.device, "precision": self.precision, "threads": threads}
         if self.gate is not None:
             info["quality_gate"] = self.gate
         return info
