@@ -98,7 +98,7 @@ async def fill_one(engine: GenerationEngine, request: Request, prefix: str, suff
         raise InputError("no candidate fill was found for the mask")
     separator = " " if prefix and not prefix[-1].isspace() else ""
     texts = [joined(prefix, separator + fill, suffix) for fill in fills]
-    scores = await before(deadline, engine.call(text_logprobs, texts, deadline))
+    scores = await cancel_on_disconnect(request, [], before(deadline, engine.call(text_logprobs, texts, deadline)))
     ranked = sorted(zip(fills, scores), key=lambda pair: -pair[1])
     return separator + ranked[0][0], ranked
 

@@ -38,6 +38,10 @@ class GenerationHost:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        # resolved (its module imported: torch, transformers) here, in the thread that builds the
+        # apps: importing transformers in the loading thread while another service's loading
+        # thread imports it too fails ("cannot import name 'AutoTokenizer'")
+        self.runtime = language_model_class(LANGUAGE_MODEL_RUNTIME)
         self.engine: GenerationEngine | None = None
         self.load_info: dict[str, Any] = {}
         self.collector = GenerationCollector(self)
@@ -56,8 +60,7 @@ class GenerationHost:
             import torch
 
             torch.set_num_threads(generation.generation_threads)  # process-wide: every torch model here
-        runtime = language_model_class(LANGUAGE_MODEL_RUNTIME)
-        lm = runtime.load(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
+        lm = self.runtime.load(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
         engine = GenerationEngine(lm, limits)
         engine.start()
@@ -155,13 +158,21 @@ async def cancel_on_disconnect(request: Request, generations: list[GenerationReq
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
+        gone = not task.done()  # a task just cancelled is not done yet: never ask it for a result
+        if gone:
             task.cancel()
+            task.add_done_callback(_retrieve)
             for generation in generations:
                 generation.cancel()
-    if task.cancelled():
+    if gone or task.cancelled():
         raise ClientDisconnectedError("the client went away before its generation finished")
     return task.result()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Take the outcome of abandoned work, so asyncio logs no 'exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _wait_disconnect(request: Request) -> None:
