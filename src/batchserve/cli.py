@@ -80,7 +80,7 @@ def serve(
     timeout: float = option("timeout"),
     max_timeout: float = option("max_timeout"),
     max_body_bytes: int = option("max_body_bytes"),
-    backend: BackendKind = option("backend"),
+    backend: Optional[BackendKind] = option("backend"),
     workers: int = option("workers"),
     devices: List[str] = option("devices", "--devices"),
     threads_per_worker: Optional[int] = option("threads_per_worker"),

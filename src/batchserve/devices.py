@@ -14,6 +14,7 @@ Nothing here imports torch at import time: a model that never uses it never pays
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -79,6 +80,18 @@ def _cuda_devices() -> tuple[int, str]:
     return count, ""
 
 
+def gpu_count() -> int:
+    """CUDA devices torch sees (0 when torch is not installed; imports torch otherwise)."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return 0
+    except (ImportError, ValueError):
+        return 0
+    return _cuda_devices()[0]
+
+
 def is_gpu(device: str) -> bool:
     return device.startswith("cuda:")
 
@@ -89,11 +102,44 @@ def visible_devices(device: str) -> str:
 
 
 def cpu_count() -> int:
-    """Cores this process may run on."""
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota if one is set
+    (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``; a fraction rounds up)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup quota allows (quota / period), or None when unlimited or unknown."""
+    v2 = _read(os.path.join(root, "cpu.max"))
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+        return _ratio(quota, period or "100000")
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        base = os.path.join(root, controller)
+        quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
+        if quota is not None:
+            return _ratio(quota, _read(os.path.join(base, "cpu.cfs_period_us")) or "100000")
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def threads_per_worker(workers: int, requested: int | None = None) -> int:

@@ -147,7 +147,11 @@ class Settings(_Group):
 
     apps: list[AppName] = Field(default_factory=list, description="built-in apps (embeddings when nothing else is given)")
     models: list[str] = Field(default_factory=list, description="your model as [name=]module:attr; repeatable")
-    backend: BackendKind = Field(BackendKind.thread, description="where batches run: thread, process or redis")
+    backend: BackendKind | None = Field(
+        None,
+        description="where batches run: thread, process or redis (default auto: for the embeddings on a CPU with 2+ "
+        "cores and one HTTP process, process with one worker per core; else thread)",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

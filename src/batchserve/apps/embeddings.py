@@ -73,6 +73,9 @@ class EmbeddingModel:
     """
 
     max_batch_tokens = MAX_BATCH_TOKENS
+    #: with ``--backend`` unset, run in one single-threaded worker process per core on a CPU
+    #: (:func:`batchserve.backends.registry.auto_layout`)
+    cpu_processes = True
 
     def __init__(self, path: str | None = None, device: str | None = None, runtime: str = "auto", quantize: str = "none"):
         self.path = path
