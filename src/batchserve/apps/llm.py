@@ -56,12 +56,14 @@ class GenerationHost:
 
     def _load(self) -> None:
         generation = self.settings.generation
-        if generation.generation_threads:
-            import torch
-
-            torch.set_num_threads(generation.generation_threads)  # process-wide: every torch model here
-        lm = self.runtime.load(generation.generation_model, generation.generation_cache_dir, device=pick_torch_device())
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
+        lm = self.runtime.load(
+            generation.generation_model,
+            generation.generation_cache_dir,
+            device=pick_torch_device(),
+            max_sequences=limits.max_rows,
+            threads=generation.generation_threads,
+        )
         engine = GenerationEngine(lm, limits)
         engine.start()
         self.load_info = {**lm.describe(), **lm.load_info}

@@ -83,8 +83,20 @@ class CausalLM(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, path: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> "CausalLM":
-        """The runtime with ``path`` loaded (None: the bundled model)."""
+    def load(
+        cls,
+        path: str | None = None,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        max_sequences: int = 32,
+        threads: int | None = None,
+    ) -> "CausalLM":
+        """The runtime with ``path`` loaded (None: the bundled model).
+
+        ``max_sequences``: the most sequences live at once (the engine's ``max_rows``; a
+        runtime that sizes its KV cache up front, llama.cpp's ``n_seq_max``, uses it);
+        ``threads``: CPU threads for the passes (None: the runtime's default).
+        """
 
     # ---------------------------------------------------------------- the model's facts
 
@@ -150,7 +162,8 @@ class CausalLM(ABC):
         """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is
         given).  Past ``deadline`` (``time.monotonic()``) no further pass runs: raises
         :class:`~batchserve.errors.DeadlineExceededError`.  Memory bounded whatever the
-        number and length of the sequences."""
+        number and length of the sequences.  The live sequences are left as they are (a
+        runtime with sequence slots scores on slots of its own, from ``max_sequences`` up)."""
 
     @abstractmethod
     def next_logits(self, ids: list[int]) -> "torch.Tensor":

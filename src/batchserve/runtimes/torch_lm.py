@@ -39,7 +39,18 @@ class TorchCausalLM(CausalLM):
         self._lengths: dict[int, int] = {}  # sequence id -> tokens so far (its next position)
 
     @classmethod
-    def load(cls, path: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> "TorchCausalLM":
+    def load(
+        cls,
+        path: str | None = None,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        max_sequences: int = 32,
+        threads: int | None = None,
+    ) -> "TorchCausalLM":
+        """``max_sequences`` is not needed (the row cache grows with the batch); ``threads`` sets
+        torch's intra-op threads, process-wide (every torch model of the process)."""
+        if threads:
+            torch.set_num_threads(threads)
         loaded = load_causal_lm(path, cache_dir, device=device)
         info = {
             "path": loaded.path,
