@@ -99,7 +99,8 @@ def deadline_dependency(settings: Settings):
         schema.clear()
         schema.update({"type": "number", "exclusiveMinimum": 0, "maximum": limit})
 
-    def request_timeout(
+    # async: FastAPI calls a sync dependency in a thread pool, one thread hop per request
+    async def request_timeout(
         x_request_timeout: str | None = Header(
             default=None,
             description=f"deadline in seconds, at most {limit:g} (default {default:g})",
