@@ -131,7 +131,8 @@ Text = Annotated[str, Field(min_length=1)]
 
 class EmbeddingRequest(BaseModel):
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
-        description=f"a text or a list of 1 to {MAX_INPUTS} texts"
+        description=f"a text or a list of 1 to {MAX_INPUTS} texts; a text over the model's 256 tokens is "
+        "truncated to its first 256 (special tokens included), as sentence-transformers does"
     )
     model: str | None = Field(None, description=f"{MODEL_NAME}, the one model served here (absent: the same)")
     encoding_format: Literal["float", "base64"] = "float"
