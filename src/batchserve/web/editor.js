@@ -1,5 +1,6 @@
 // The editor: Tab (or the button) asks /autocomplete for 3 suggestions, shown under the cursor;
 // arrow keys move the choice, Enter/Tab or a click inserts it at the cursor, Escape closes.
+// A new Tab (or Escape) aborts the request still on its way; its reply is never shown.
 "use strict";
 
 const editor = document.getElementById("editor");
@@ -75,14 +76,22 @@ function pick(index) {
   status.textContent = "";
 }
 
+// Drop the request in flight, if any: its fetch is aborted (the browser closes the connection and
+// the server frees its rows) and whatever it would still have answered is never shown.
+function cancelPending() {
+  if (pending) pending.abort();
+  pending = null;
+}
+
 async function suggest() {
   const context = editor.value.slice(0, editor.selectionStart);
   if (!context.trim()) {
     status.textContent = "type something first";
     return;
   }
-  if (pending) pending.abort();
-  pending = new AbortController();
+  cancelPending();  // a new Tab supersedes the request still on its way
+  const controller = new AbortController();
+  pending = controller;
   status.textContent = "thinking…";
   try {
     const response = await fetch("/autocomplete", {
@@ -94,16 +103,17 @@ async function suggest() {
         max_tokens: Number(document.getElementById("max-tokens").value) || 12,
         temperature: Number(document.getElementById("temperature").value),
       }),
-      signal: pending.signal,
+      signal: controller.signal,
     });
     const body = await response.json();
+    if (controller.signal.aborted) return;  // superseded while its body was read: stale, never shown
     if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
     status.textContent = "";
     show(body.suggestions);
   } catch (error) {
-    if (error.name !== "AbortError") status.textContent = `error: ${error.message}`;
+    if (!controller.signal.aborted && error.name !== "AbortError") status.textContent = `error: ${error.message}`;
   } finally {
-    pending = null;
+    if (pending === controller) pending = null;  // a newer request's controller stays
   }
 }
 
@@ -130,6 +140,10 @@ editor.addEventListener("keydown", (event) => {
   } else if (event.key === "Tab") {
     event.preventDefault();
     suggest();
+  } else if (event.key === "Escape" && pending) {
+    event.preventDefault();
+    cancelPending();  // Escape while suggestions are on their way: none wanted
+    status.textContent = "";
   }
 });
 
