@@ -1,5 +1,6 @@
 """/dashboard: the stats endpoint counts what happened (in process), and the page draws it in
-headless Chromium (a real server: the browser needs a socket)."""
+headless Chromium (a real server: the browser needs a socket); with a generation app, the
+engine's charts too."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ async def test_stats_endpoint_counts_requests_batches_and_errors(serve_app):
     bounds, cumulative = after["latency"]["bounds"], after["latency"]["cumulative"]
     assert bounds[-1] is None and cumulative == sorted(cumulative)  # +Inf last, cumulative counts
     assert cumulative[-1] == sum(statuses.values())  # /dashboard/stats itself is not counted
+    assert after["generation"] is None  # no generation app: no engine figures
 
 
 def test_dashboard_page_draws_every_chart_under_load(server, browser, tmp_path):  # noqa: F811
@@ -111,6 +113,8 @@ def test_dashboard_page_draws_every_chart_under_load(server, browser, tmp_path):
         assert legend("latency") == ["p50", "p95", "p99"]
         assert {"overloaded", "model"} <= set(legend("errors"))
         assert legend("queue") == [MODEL]
+        for engine_chart in ("generation", "tokens"):  # no generation app: no engine charts
+            assert page.locator(f"#section-{engine_chart}").is_hidden()
         batch_means = page.evaluate(f"window.dashboard.history.batch[{MODEL!r}].filter(v => v !== null)")
         assert batch_means and max(batch_means) > 1 and max(batch_means) <= 8  # max-batch-size
     finally:
@@ -127,5 +131,72 @@ def test_quantile_interpolates_inside_buckets(server, browser):  # noqa: F811
         assert quantile(0.5, bounds, [0, 10, 10, 10]) == pytest.approx(0.055)
         assert quantile(0.99, bounds, [0, 0, 0, 5]) == 1.0  # in +Inf: the last finite bound
         assert quantile(0.5, bounds, [0, 0, 0, 0]) is None
+    finally:
+        page.close()
+
+
+class GenerationLoad:
+    """Two clients asking /autocomplete for suggestions back to back until stopped (at most ``limit`` seconds)."""
+
+    def __init__(self, url: str, clients: int = 2, limit: float = 90.0):
+        self.url = url
+        self.stopped = threading.Event()
+        self.deadline = time.monotonic() + limit
+        self.statuses: list[int] = []
+        self.threads = [threading.Thread(target=self.drive, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def drive(self, client: int) -> None:
+        body = {"context": f"Client {client} writes: once upon a time,", "n": 3, "max_tokens": 24, "stop": []}
+        while not self.stopped.is_set() and time.monotonic() < self.deadline:
+            self.statuses.append(httpx.post(f"{self.url}/autocomplete", json=body, timeout=120).status_code)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+ENGINE_CHARTS = {"generation": 3, "tokens": 3}  # nonzero points to wait for
+
+
+def test_dashboard_charts_the_generation_engine(generation_server, browser):  # noqa: F811
+    url = generation_server.url
+    stats = httpx.get(f"{url}/dashboard/stats", timeout=30).json()
+    engine = stats["generation"]
+    assert set(engine) == {"active_rows", "waiting_requests", "steps", "tokens_generated"}, engine
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    try:
+        page.goto(f"{url}/dashboard")
+        load = GenerationLoad(url)
+        try:
+            page.wait_for_function(
+                "least => Object.entries(least).every(([id, n]) => Number(document.getElementById(id).dataset.nonzero) >= n)",
+                arg=ENGINE_CHARTS,
+                timeout=120_000,
+            )
+            during = httpx.get(f"{url}/dashboard/stats", timeout=30).json()["generation"]
+        finally:
+            load.stop()
+        assert load.statuses and set(load.statuses) == {200}, load.statuses
+        for chart in ENGINE_CHARTS:
+            assert page.locator(f"#section-{chart}").is_visible()
+            drawn = page.locator(f"#{chart}").element_handle().evaluate(COLOURED_PIXELS)
+            assert drawn > 30, f"nothing drawn in {chart}"
+        legend = lambda chart: page.locator(f"#legend-{chart} span").all_inner_texts()  # noqa: E731
+        assert legend("generation") == ["active rows", "waiting requests"]
+        assert legend("tokens") == ["tokens/s", "steps/s"]
+        rows = page.evaluate("window.dashboard.history.generation['active rows'].filter(v => v !== null)")
+        max_rows = httpx.get(f"{url}/readyz", timeout=30).json()["services"]["generation"]["engine"]["max_rows"]
+        assert rows and 1 <= max(rows) <= max_rows
+        tokens_per_second = page.evaluate("window.dashboard.history.tokens['tokens/s'].filter(v => v !== null)")
+        assert tokens_per_second and max(tokens_per_second) > 0
+
+        after = httpx.get(f"{url}/dashboard/stats", timeout=30).json()["generation"]
+        assert after["tokens_generated"] >= during["tokens_generated"] >= engine["tokens_generated"] + 3
+        assert after["steps"] >= during["steps"] > engine["steps"]
+        readyz = httpx.get(f"{url}/readyz", timeout=30).json()["services"]["generation"]["engine"]
+        assert after["tokens_generated"] <= readyz["tokens_generated"]  # the same counter as the engine's describe()
     finally:
         page.close()

@@ -7,7 +7,10 @@
   state per viewer.
 
 It reads the same figures as ``/metrics``: the batchers' stats and the app's Prometheus
-instruments, so it is served only when metrics are on.
+instruments, so it is served only when metrics are on.  When a generation app is served, its
+engine's figures (``batchserve_generation_*``, from the generation collector registered with
+the app's metrics) come as ``generation``: running rows, waiting requests, and the steps and
+tokens generated so far; ``generation`` is ``null`` otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +43,30 @@ def snapshot(metrics: Metrics, batchers: Iterable[Batcher]) -> dict:
         "models": {batcher.name: _model_figures(batcher) for batcher in batchers},
         "latency": _latency_histogram(metrics),
         "errors": _counter_by_label(metrics.errors_total, "kind"),
+        "generation": _generation_figures(metrics),
     }
+
+
+# the generation engine's Prometheus samples (apps/llm.py GenerationCollector) and their keys here
+GENERATION_SAMPLES = {
+    "batchserve_generation_active_rows": "active_rows",
+    "batchserve_generation_waiting_requests": "waiting_requests",
+    "batchserve_generation_steps_total": "steps",
+    "batchserve_generation_tokens_total": "tokens_generated",
+}
+
+
+def _generation_figures(metrics: Metrics) -> dict | None:
+    """The generation engine's gauges and counters, or None when no generation app is served."""
+    figures: dict[str, float] = {}
+    for family in metrics.registry.collect():
+        if not family.name.startswith("batchserve_generation_"):
+            continue
+        for sample in family.samples:
+            key = GENERATION_SAMPLES.get(sample.name)
+            if key is not None:
+                figures[key] = figures.get(key, 0.0) + sample.value
+    return figures or None
 
 
 def _model_figures(batcher: Batcher) -> dict:
