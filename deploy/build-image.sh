@@ -10,6 +10,7 @@
 #                             paths they name (buildah; docker gets only URL sources)
 #   TORCH_INDEX_URL=...       default: PyTorch's CPU index when it answers, else empty
 #                             (torch==2.13.0+cpu from the pip sources)
+#   WARM_CACHES=1|0           1 (the Dockerfile's default): fill the app's caches at build time
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -80,6 +81,9 @@ echo "torch index: ${TORCH_INDEX_URL:-(the pip sources)}"
 # ---- build
 set -- --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "PIP_OPTIONS=$pip_options" \
     --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" -f deploy/Dockerfile -t "$IMAGE"
+if [ -n "${WARM_CACHES:-}" ]; then
+    set -- "$@" --build-arg "WARM_CACHES=$WARM_CACHES"
+fi
 started=$(date +%s)
 if [ "$ENGINE" = docker ]; then
     DOCKER_BUILDKIT=1 docker build "$@" .
