@@ -81,10 +81,14 @@ def _cuda_devices() -> tuple[int, str]:
 
 
 def gpu_count() -> int:
-    """CUDA devices torch sees (0 when torch is not installed; imports torch otherwise)."""
-    try:
-        import importlib.util
+    """CUDA devices torch sees; 0 without importing torch when it is not installed or the
+    machine has no GPU device node (``/dev/nvidia*``, ROCm's ``/dev/kfd``)."""
+    import glob
+    import importlib.util
 
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")) and sys.platform.startswith("linux"):
+        return 0
+    try:
         if importlib.util.find_spec("torch") is None:
             return 0
     except (ImportError, ValueError):

@@ -18,7 +18,7 @@ from batchserve.apps.base import Service, deadline_dependency, make_batcher
 from batchserve.apps.openai import MODEL_NOT_FOUND, served_model, texts_of, usage
 from batchserve.apps.responses import FastJSONResponse
 from batchserve.batching import Batcher
-from batchserve.devices import pick_torch_device
+from batchserve.devices import gpu_count, torch_device
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
 from batchserve.runtimes import EncoderRuntime, encoder_class
@@ -63,7 +63,9 @@ class EmbeddingModel:
 
     ``runtime`` names the encoder runtime (:data:`batchserve.runtimes.ENCODERS`, or ``auto``:
     onnx on a CPU, torch on a GPU); the model runs on ``device`` (default:
-    :func:`~batchserve.devices.pick_torch_device`).  ``quantize="int8"`` runs int8 weights
+     the device the process backend gave
+    this worker, else a GPU if the machine has one, else the CPU; a CPU-only start never
+    imports torch).  ``quantize="int8"`` runs int8 weights
     (onnx only), refused at load unless they pass the quality gate
     (:mod:`batchserve.runtimes.onnx_encoder`).
 
@@ -97,7 +99,7 @@ class EmbeddingModel:
         return "onnx" if device.startswith("cpu") or self.quantize == "int8" else "torch"
 
     def load(self) -> None:
-        device = self.device or pick_torch_device()
+        device = self.device or torch_device() or ("cuda" if gpu_count() else "cpu")
         runtime = self.runtime_for(device)
         path = self.path or bundled_model_path()
         if runtime == "onnx":

@@ -105,9 +105,7 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 
 def export_key(model_path: str | Path, precision: str) -> dict[str, Any]:
     """What a cache entry depends on: the model file, the exporter's versions, the precision."""
-    import onnxruntime
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     weights = _weights_file(Path(model_path))
     stat = weights.stat()
@@ -115,9 +113,9 @@ def export_key(model_path: str | Path, precision: str) -> dict[str, Any]:
         "model": str(weights.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "torch": version("torch"),  # read without importing torch: a cached start never imports it
+        "transformers": version("transformers"),
+        "onnxruntime": version("onnxruntime"),
         "format": EXPORT_FORMAT,
         "precision": precision,
     }
@@ -152,6 +150,8 @@ def _write_entry(key: dict[str, Any], cache_dir: Path, build) -> Path:
     """Run ``build(graph_path)`` in a temporary sibling of the entry, then rename it into place."""
     entry = entry_dir(key, cache_dir)
     entry.parent.mkdir(parents=True, exist_ok=True)
+    if cached_graph(key, cache_dir) is not None:  # another process wrote it meanwhile
+        return entry / GRAPH
     if entry.exists():  # incomplete or stale under the same name: replace it
         shutil.rmtree(entry, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
@@ -256,6 +256,43 @@ def quantize_int8(source: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the runtime
 
 
+class FastTokenizer:
+    """The model's ``tokenizer.json`` run by the tokenizers library (no transformers, no torch
+    imported): truncated at ``max_length``, padded to the longest text, numpy int64 out."""
+
+    def __init__(self, path: Path, max_length: int):
+        from tokenizers import Tokenizer
+
+        config = path.parent / "tokenizer_config.json"
+        pad = (json.loads(config.read_text()).get("pad_token") if config.is_file() else None) or "[PAD]"
+        if isinstance(pad, dict):
+            pad = pad.get("content", "[PAD]")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        pad_id = self.tokenizer.token_to_id(pad)
+        if pad_id is None:
+            raise ValueError(f"{path}: no padding token {pad!r} in the vocabulary")
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)  # to the longest in the batch
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer.encode_batch(texts)
+        return {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64),
+        }
+
+
+def load_tokenizer(path: str | Path, max_length: int):
+    """:class:`FastTokenizer` when the model has a ``tokenizer.json``, else transformers' own."""
+    file = Path(path) / "tokenizer.json"
+    if file.is_file():
+        return FastTokenizer(file, max_length)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def session(graph: Path, threads: int):
     """An inference session with ``threads`` intra-op threads, sequential, no spinning."""
     import onnxruntime as ort
@@ -315,10 +352,8 @@ class OnnxEncoder(EncoderRuntime):
         self.modules: dict[str, Any] = {}
 
     def load(self) -> None:
-        from transformers import AutoTokenizer
-
         self.modules = sentence_modules(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.tokenizer = load_tokenizer(self.path, self.max_length)
         threads = self.requested_threads or default_threads()
         self.threads = threads
         self.graph = ensure_graph(self.path, self.precision, self.cache_dir)
@@ -352,6 +387,8 @@ class OnnxEncoder(EncoderRuntime):
         return self.modules["max_length"]
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if isinstance(self.tokenizer, FastTokenizer):
+            return self.tokenizer(texts)
         encoded = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
@@ -368,6 +405,8 @@ class OnnxEncoder(EncoderRuntime):
         return vectors.astype(np.float32, copy=False), [int(n) for n in mask.sum(axis=1)]
 
     def token_counts(self, texts: list[str]) -> list[int]:
+        if isinstance(self.tokenizer, FastTokenizer):
+            return [int(n) for n in self.tokenizer(texts)["attention_mask"].sum(axis=1)]
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return [len(ids) for ids in encoded]
 
