@@ -213,3 +213,27 @@ async def test_a_failed_call_releases_its_tensors_at_once(engine):
         assert held[0]() is None
     finally:
         gc.enable()
+
+
+async def test_a_failed_prefill_fails_only_the_newcomer(lm, engine):
+    """The runtime refuses a prompt (a token the model does not have): that request fails, the
+    running one goes on with its own tokens, and every sequence is released at the end."""
+    from batchserve.errors import ModelError
+
+    prompt = "The capital of France is"
+    running = engine.submit(engine.encode(prompt), SamplingParams(max_tokens=MAX_TOKENS, temperature=0), timeout=300)
+    async with asyncio.timeout(60):
+        while running.admitted_step is None:
+            await asyncio.sleep(0.005)
+    await wait_for_step(engine, running.admitted_step + 1)  # running
+    bad = engine.submit([lm.model.config.vocab_size + 10], SamplingParams(max_tokens=4, temperature=0), n=2, timeout=60)
+    with pytest.raises(ModelError):
+        await bad.result()
+    result = await running.result()
+    expected = generate_alone(lm, prompt, MAX_TOKENS)
+    stop = [i for i, token in enumerate(expected) if token in engine.stop_tokens]
+    assert result.choices[0].token_ids == (expected[: stop[0] + 1] if stop else expected)
+    async with asyncio.timeout(30):
+        while engine.active_rows:
+            await asyncio.sleep(0.01)
+    assert lm.live == []
