@@ -113,7 +113,7 @@ def test_dashboard_page_draws_every_chart_under_load(server, browser, tmp_path):
         assert legend("latency") == ["p50", "p95", "p99"]
         assert {"overloaded", "model"} <= set(legend("errors"))
         assert legend("queue") == [MODEL]
-        for engine_chart in ("generation", "tokens"):  # no generation app: no engine charts
+        for engine_chart in ("generation", "tokens", "first-token"):  # no generation app: no engine charts
             assert page.locator(f"#section-{engine_chart}").is_hidden()
         batch_means = page.evaluate(f"window.dashboard.history.batch[{MODEL!r}].filter(v => v !== null)")
         assert batch_means and max(batch_means) > 1 and max(batch_means) <= 8  # max-batch-size
@@ -158,14 +158,16 @@ class GenerationLoad:
             thread.join(timeout=120)
 
 
-ENGINE_CHARTS = {"generation": 3, "tokens": 3}  # nonzero points to wait for
+ENGINE_CHARTS = {"generation": 3, "tokens": 3, "first-token": 2}  # nonzero points to wait for
 
 
 def test_dashboard_charts_the_generation_engine(generation_server, browser):  # noqa: F811
     url = generation_server.url
     stats = httpx.get(f"{url}/dashboard/stats", timeout=30).json()
     engine = stats["generation"]
-    assert set(engine) == {"active_rows", "waiting_requests", "steps", "tokens_generated"}, engine
+    assert set(engine) == {
+        "active_rows", "waiting_requests", "steps", "tokens_generated", "first_tokens", "first_token_seconds"
+    }, engine
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
     try:
         page.goto(f"{url}/dashboard")
@@ -187,6 +189,7 @@ def test_dashboard_charts_the_generation_engine(generation_server, browser):  # 
         legend = lambda chart: page.locator(f"#legend-{chart} span").all_inner_texts()  # noqa: E731
         assert legend("generation") == ["active rows", "waiting requests"]
         assert legend("tokens") == ["tokens/s", "steps/s"]
+        assert legend("first-token") == ["mean"]
         rows = page.evaluate("window.dashboard.history.generation['active rows'].filter(v => v !== null)")
         max_rows = httpx.get(f"{url}/readyz", timeout=30).json()["services"]["generation"]["engine"]["max_rows"]
         assert rows and 1 <= max(rows) <= max_rows
@@ -196,6 +199,11 @@ def test_dashboard_charts_the_generation_engine(generation_server, browser):  # 
         after = httpx.get(f"{url}/dashboard/stats", timeout=30).json()["generation"]
         assert after["tokens_generated"] >= during["tokens_generated"] >= engine["tokens_generated"] + 3
         assert after["steps"] >= during["steps"] > engine["steps"]
+        assert after["first_tokens"] >= during["first_tokens"] >= engine["first_tokens"] + 2
+        assert after["first_token_seconds"] > engine["first_token_seconds"]
+        waits = page.evaluate("window.dashboard.history['first-token'].mean.filter(v => v !== null)")
+        assert waits and all(wait > 0 for wait in waits)  # ms from a request's arrival to its first tokens
+        assert max(waits) < 120_000  # within the requests' timeout
         readyz = httpx.get(f"{url}/readyz", timeout=30).json()["services"]["generation"]["engine"]
         assert after["tokens_generated"] <= readyz["tokens_generated"]  # the same counter as the engine's describe()
     finally:

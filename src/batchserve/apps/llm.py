@@ -111,7 +111,7 @@ class GenerationCollector:
         self.host = host
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
         engine = self.host.engine
         figures = engine.describe() if engine is not None else {}
@@ -119,11 +119,15 @@ class GenerationCollector:
         waiting = GaugeMetricFamily("batchserve_generation_waiting_requests", "Requests waiting for rows")
         steps = CounterMetricFamily("batchserve_generation_steps", "Engine steps (prefill and/or decode)")
         tokens = CounterMetricFamily("batchserve_generation_tokens", "Tokens generated")
+        first = SummaryMetricFamily(
+            "batchserve_generation_first_token_seconds", "Time from a request's arrival to its first tokens"
+        )
         rows.add_metric([], figures.get("active_rows", 0))
         waiting.add_metric([], figures.get("waiting_requests", 0))
         steps.add_metric([], figures.get("steps", 0))
         tokens.add_metric([], figures.get("tokens_generated", 0))
-        yield from (rows, waiting, steps, tokens)
+        first.add_metric([], figures.get("first_tokens", 0), figures.get("first_token_seconds", 0.0))
+        yield from (rows, waiting, steps, tokens, first)
 
 
 class GenerationService(Service):

@@ -92,6 +92,8 @@ class GenerationEngine:
         self._stopping = False
         self.steps = 0
         self.tokens_generated = 0
+        self.first_tokens = 0  # requests given their first tokens, and the seconds they waited for them
+        self.first_token_seconds = 0.0
         self._released_at = -RELEASE_EVERY
         self._heap_dirty = False  # steps ran since the heap was last given back
 
@@ -131,6 +133,8 @@ class GenerationEngine:
             "waiting_requests": self.waiting_requests,
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
+            "first_tokens": self.first_tokens,
+            "first_token_seconds": self.first_token_seconds,
             "max_rows": self.limits.max_rows,
             "idle": self._idle() and not self._heap_dirty,  # nothing to run, freed memory given back
         }
@@ -311,6 +315,9 @@ class GenerationEngine:
             return
         self._rows.extend(rows)
         self._advance(rows, logits[torch.tensor(repeat, device=logits.device)])
+        now = time.monotonic()
+        self.first_tokens += len(requests)
+        self.first_token_seconds += sum(now - request.submitted for request in requests)
         self._retire_finished()
 
     def _take_seq(self) -> int:

@@ -58,6 +58,7 @@ class GenerationRequest:
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     admitted_step: int | None = None  # the engine step at which the request joined the batch
+    submitted: float = field(default_factory=time.monotonic)  # for the engine's time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property

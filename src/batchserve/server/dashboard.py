@@ -9,8 +9,9 @@
 It reads the same figures as ``/metrics``: the batchers' stats and the app's Prometheus
 instruments, so it is served only when metrics are on.  When a generation app is served, its
 engine's figures (``batchserve_generation_*``, from the generation collector registered with
-the app's metrics) come as ``generation``: running rows, waiting requests, and the steps and
-tokens generated so far; ``generation`` is ``null`` otherwise.
+the app's metrics) come as ``generation``: running rows, waiting requests, the steps and
+tokens generated so far, and the requests given their first tokens with the seconds they
+waited for them (their time to first token); ``generation`` is ``null`` otherwise.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ GENERATION_SAMPLES = {
     "batchserve_generation_waiting_requests": "waiting_requests",
     "batchserve_generation_steps_total": "steps",
     "batchserve_generation_tokens_total": "tokens_generated",
+    "batchserve_generation_first_token_seconds_count": "first_tokens",
+    "batchserve_generation_first_token_seconds_sum": "first_token_seconds",
 }
 
 
