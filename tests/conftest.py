@@ -137,7 +137,12 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float) -> None:
 @pytest.fixture
 async def serve_app():
     """Call (awaited) with Settings or CLI-style options: an httpx client on the app, in this
-    process and ready (see :func:`in_process`); every app started is closed after the test."""
+    process and ready (see :func:`in_process`); every app started is closed after the test.
+
+    For tests on the default (per-test) event loop.  One app for a whole module: enter
+    :func:`in_process` in a ``pytest_asyncio.fixture(scope="module", loop_scope="module")``
+    and mark its tests ``pytest.mark.asyncio(loop_scope="module")`` (tests/apps/test_embeddings.py).
+    """
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(settings: Settings | None = None, **options) -> httpx.AsyncClient:
