@@ -197,23 +197,40 @@ def test_another_versions_entry_is_not_loaded(onnx_cache, tmp_path):
     assert cached_graph(key, cache) is None
 
 
-def test_a_forked_process_opens_its_own_session(fp32):
-    """After a fork (process backend, gunicorn) the child runs a session of its own, with its threads."""
-    expected = fp32.encode(TEXTS[:3])
+def in_a_fork(encoder, threads: str, texts) -> tuple[bool, bool]:
+    """In a forked child told to use ``threads``: (same vectors as here, a session of its own)."""
+    expected = encoder.encode(texts)
+    parent_session = encoder.session
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         try:
-            os.environ["OMP_NUM_THREADS"] = "1"
-            vectors = fp32.encode(TEXTS[:3])
-            ok = fp32._pid == os.getpid() and np.abs(vectors - expected).max() < 1e-6
-            os.write(write, b"1" if ok else b"0")
+            os.environ["OMP_NUM_THREADS"] = threads
+            vectors = encoder.encode(texts)
+            same = np.abs(vectors - expected).max() < 1e-6
+            own = encoder.session is not parent_session and encoder.threads == int(threads)
+            os.write(write, bytes([int(same), int(own)]))
         finally:
             os._exit(0)
     os.close(write)
-    answer = os.read(read, 1)
+    answer = os.read(read, 2)
     os.waitpid(pid, 0)
-    assert answer == b"1"
+    return bool(answer[0]), bool(answer[1])
+
+
+def test_a_forked_process_keeps_a_single_thread_session_and_reopens_for_more(onnx_cache):
+    """After a fork (process backend, gunicorn): one thread given, the parent's session (its
+    weights shared); more, a session of its own with that many threads."""
+    encoder = OnnxEncoder(bundled_model_path(), cache_dir=onnx_cache)  # threads from OMP_NUM_THREADS
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        encoder.load()
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.update(OMP_NUM_THREADS=saved)
+    assert encoder.threads == 1
+    assert in_a_fork(encoder, "1", TEXTS[:3]) == (True, False)
+    assert in_a_fork(encoder, "2", TEXTS[:3]) == (True, True)
 
 
 def test_embedding_model_auto_is_onnx_on_cpu_and_quantize_needs_onnx():

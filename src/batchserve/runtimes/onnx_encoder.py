@@ -412,11 +412,14 @@ class OnnxEncoder(EncoderRuntime):
 
     def _session(self):
         """This process's session.  A process forked from the one that loaded the model (the
-        process backend's workers, gunicorn's HTTP workers) opens its own, with the threads it
-        was given: a session's thread pool does not survive a fork."""
+        process backend's workers, gunicorn's HTTP workers) keeps the parent's single-threaded
+        session when it was given one thread too (no thread pool to lose in the fork, and the
+        weights stay shared copy-on-write); given more, it opens its own with that many."""
         if self._pid != os.getpid():
-            self.threads = self.requested_threads or default_threads()
-            self.session, self._pid = session(self.graph, self.threads), os.getpid()
+            threads = self.requested_threads or default_threads()
+            if threads != self.threads or self.threads != 1:
+                self.session, self.threads = session(self.graph, threads), threads
+            self._pid = os.getpid()
         return self.session
 
     def encode(self, texts: list[str]) -> np.ndarray:
