@@ -7,7 +7,7 @@ refuses to decode with :class:`WireError`.
 
 Extension types:
 
-* ``1`` numpy array: ``msgpack([dtype.str, shape]) + raw bytes`` (object arrays refused)
+* ``1`` numpy array: ``msgpack([dtype.str, shape]) + raw bytes`` (object and structured arrays refused)
 * ``2`` numpy scalar: as a 0-d array
 * ``3`` tuple: the msgpack of its items (msgpack turns tuples into lists otherwise)
 """
@@ -39,9 +39,11 @@ def loads(payload: bytes) -> Any:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError(f"payload must be bytes, not {type(payload).__name__}")
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             payload,
             ext_hook=_decode_extension,
+            list_hook=_plain_list,
+            object_hook=_plain_map,
             raw=False,
             strict_map_key=False,
         )
@@ -49,6 +51,27 @@ def loads(payload: bytes) -> Any:
         raise
     except Exception as error:  # msgpack raises several unrelated types for bad input
         raise WireError(f"malformed payload: {type(error).__name__}: {error}") from None
+    _refuse_timestamp(value)
+    return value
+
+
+def _refuse_timestamp(value: Any) -> None:
+    """msgpack decodes its own timestamp extension (-1) by itself: refuse it like any other."""
+    if isinstance(value, msgpack.Timestamp):
+        raise WireError("unknown extension type -1 (msgpack timestamp)")
+
+
+def _plain_list(items: list) -> list:
+    for item in items:
+        _refuse_timestamp(item)
+    return items
+
+
+def _plain_map(mapping: dict) -> dict:
+    for key, item in mapping.items():
+        _refuse_timestamp(key)
+        _refuse_timestamp(item)
+    return mapping
 
 
 # --------------------------------------------------------------------------- encode
@@ -71,6 +94,8 @@ def _encode_extension(value: Any) -> Any:
 def _array_bytes(array: np.ndarray) -> bytes:
     if array.dtype.hasobject:
         raise TypeError("numpy arrays of Python objects cannot cross the network")
+    if array.dtype.kind == "V":
+        raise TypeError("structured (record) numpy arrays cannot cross the network: send one array per field")
     header = msgpack.packb([array.dtype.str, list(array.shape)])
     return header + array.tobytes(order="C")
 
@@ -102,6 +127,8 @@ def _array_from_bytes(data: bytes) -> np.ndarray:
         raise WireError(f"unknown dtype {dtype_name!r}") from None
     if dtype.hasobject:
         raise WireError("arrays of Python objects are refused")
+    if dtype.kind == "V":
+        raise WireError("structured (record) arrays are refused")
     body = memoryview(data)[unpacker.tell():]
     try:
         return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
