@@ -149,3 +149,20 @@ async def serve_app():
             return await stack.enter_async_context(in_process(settings, **options))
 
         yield start
+
+
+@pytest.fixture
+async def make_batcher():
+    """Call like Batcher(...); every batcher made is closed after the test."""
+    from batchserve import Batcher
+
+    batchers = []
+
+    def make(model, **options):
+        batcher = Batcher(model, **options)
+        batchers.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in batchers:
+        await batcher.close()

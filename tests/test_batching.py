@@ -1,4 +1,4 @@
-"""The batching contract (DESIGN §3), on fake models whose cost is known."""
+"""The batching contract (docs/ARCHITECTURE.md, "Batching semantics"), on fake models whose cost is known."""
 
 from __future__ import annotations
 
@@ -9,23 +9,9 @@ import time
 
 import pytest
 
-from batchserve import Batcher, DeadlineExceededError, InputError, ModelError, OverloadedError
+from batchserve import DeadlineExceededError, InputError, ModelError, OverloadedError
 from batchserve.batching import CostModel, DispatchPolicy
 from tests.fakes import RecordingModel, wrong_count
-
-
-@pytest.fixture
-async def make_batcher():
-    batchers: list[Batcher] = []
-
-    def make(model, **options) -> Batcher:
-        batcher = Batcher(model, **options)
-        batchers.append(batcher)
-        return batcher
-
-    yield make
-    for batcher in batchers:
-        await batcher.close()
 
 
 async def test_lone_request_on_idle_server_pays_no_batching_wait(make_batcher):

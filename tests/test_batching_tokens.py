@@ -35,20 +35,6 @@ def sentence(rng: random.Random, length: int) -> str:
     return " ".join(rng.choice("ab cd ef gh ij".split()) for _ in range(length))
 
 
-@pytest.fixture
-async def make_batcher():
-    batchers: list[Batcher] = []
-
-    def make(model, **options) -> Batcher:
-        batcher = Batcher(model, **options)
-        batchers.append(batcher)
-        return batcher
-
-    yield make
-    for batcher in batchers:
-        await batcher.close()
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_length_passes_hold_both_bounds_and_cover_every_item_once(seed):
     rng = random.Random(seed)
