@@ -15,7 +15,6 @@ import torch
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
-from batchserve.runtimes.torch_lm import TorchCausalLM
 
 PROMPTS = [
     "The capital of France is",
@@ -28,13 +27,6 @@ PROMPTS = [
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def lm():
-    # one torch thread while this module runs: on a CPU shared with other tests it is much faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield TorchCausalLM.load()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

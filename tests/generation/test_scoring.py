@@ -10,15 +10,8 @@ import torch
 from batchserve.errors import DeadlineExceededError
 from batchserve.generation import scoring
 from batchserve.runtimes import torch_scoring
-from batchserve.runtimes.torch_lm import TorchCausalLM
 
 
-@pytest.fixture(scope="module")
-def lm():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield TorchCausalLM.load()
-    torch.set_num_threads(threads)
 
 
 def whole_text_logprob(lm, text: str) -> float:
