@@ -1,4 +1,4 @@
-"""Models for tests/test_compat.py, importable by name in spawned worker processes."""
+"""Models for tests/compat/test_streamer.py, importable by name in spawned worker processes."""
 
 from __future__ import annotations
 
