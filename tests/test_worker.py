@@ -15,8 +15,9 @@ import pytest
 
 from batchserve import wire
 from batchserve.apps.embeddings import EmbeddingModel
-from batchserve.backends.redis import StreamKeys
-from batchserve.worker import BadEntry, parse_entry
+from batchserve.backends.redis import GROUP, StreamKeys, connect, ensure_group
+from batchserve.worker import BadEntry, StreamWorker, parse_entry
+from tests.fakes import double
 from tests.redis_fixtures import (  # noqa: F401 - fixtures
     WorkerProcess,
     front_args,
@@ -114,6 +115,32 @@ def test_sigterm_worker_answers_what_it_holds_and_leaves_the_rest(redis_server, 
     assert sorted(index for index, _, _ in results) == list(range(100))
     assert all((status, body) == (200, {"outputs": [index * 2]}) for index, status, body in results)
     assert "reclaimed" not in staying.stop(), "the leaving worker left nothing pending"
+
+
+@needs_redis
+async def test_an_entry_a_lost_read_left_pending_is_served_before_the_worker_leaves(redis_server, make_batcher):
+    keys = StreamKeys("", "double")
+    reply_key = keys.replies("front-1")
+    client = connect(redis_server.url())
+    try:
+        await ensure_group(client, keys.requests)
+        entry = {"id": "r1", "reply": reply_key, "deadline": time.time() + 60, "data": wire.dumps([3, 4])}
+        await client.xadd(keys.requests, entry)
+        # a read whose answer never reached the worker (a client-side timeout): Redis has
+        # delivered the entry to the worker's consumer, the worker never saw it
+        consumer = "worker-with-a-lost-read"
+        await client.xreadgroup(GROUP, consumer, {keys.requests: ">"}, count=10)
+        batcher = make_batcher(double, max_batch_size=8)
+        await batcher.start()
+        worker = StreamWorker(client, keys, batcher, consumer, visibility_timeout=60)
+        worker.start()
+        await worker.stop()
+
+        replies = await client.xrange(reply_key)
+        assert (await client.xpending(keys.requests, GROUP))["pending"] == 0, "nothing left for others to reclaim"
+        assert [(fields[b"id"], wire.loads(fields[b"data"])) for _, fields in replies] == [(b"r1", [6, 8])]
+    finally:
+        await client.aclose()
 
 
 @needs_redis

@@ -136,13 +136,15 @@ class StreamWorker:
         self.consumer = consumer
         self.visibility_timeout = visibility_timeout
         self._held: dict[bytes, asyncio.Task] = {}
+        self._unacked: set[bytes] = set()  # answered, not yet acked
         self._outbox: list[Reply] = []
         self._outbox_ready = asyncio.Event()
         self._room = asyncio.Event()
         self._upkeep_now = asyncio.Event()  # set: renew the lease now (Redis came back)
         self._tasks: list[asyncio.Task] = []
         self._connected = True
-        self._stopping = False
+        self._stopping = False  # set: read no more
+        self._drained = False  # set: nothing more will be held; write what is left, then end
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -159,14 +161,18 @@ class StreamWorker:
 
         The loops end at their next turn (a read blocks at most ``READ_BLOCK_MS``) rather
         than being cancelled in the middle of a Redis command, so no entry is read and lost.
+        The upkeep and the writer run until everything held is answered: a read still in
+        flight when the stop began may deliver entries after the last held one finished.
         """
         reader, upkeep, writer = self._tasks
         self._stopping = True
         self._room.set()
         await _finish(reader, timeout=5.0)
         await self._leave()
+        await self._recover_own()  # anything Redis gave us that a lost read never showed
         if self._held:  # meanwhile the upkeep keeps them ours, so nobody takes them over
             await asyncio.wait(list(self._held.values()), timeout=grace)
+        self._drained = True
         self._upkeep_now.set()
         self._outbox_ready.set()
         await _finish(upkeep, timeout=5.0)
@@ -192,7 +198,10 @@ class StreamWorker:
                     GROUP, self.consumer, {self.keys.requests: ">"}, count=count, block=READ_BLOCK_MS
                 )
             except UNREACHABLE as error:
+                # Redis may have delivered entries to us before the read failed (a client-side
+                # timeout): they are pending in our name; read them back once it answers
                 await self._redis_lost(error)
+                await self._recover_own()
                 continue
             except ResponseError as error:
                 await self._group_lost(error)
@@ -202,6 +211,29 @@ class StreamWorker:
                 for entry_id, fields in entries:
                     self._accept(entry_id, fields)
 
+    async def _recover_own(self) -> None:
+        """Serve entries pending in this consumer's name that it neither holds nor answered.
+
+        ``XREADGROUP`` from id 0 reads a consumer's own pending entries back.  Without this,
+        an entry delivered by a read whose answer never arrived would wait for another worker
+        to reclaim it after the visibility timeout (or forever, with no other worker).
+        """
+        try:
+            answer = await self.redis.xreadgroup(
+                GROUP, self.consumer, {self.keys.requests: "0"}, count=self.batcher.max_batch_size + len(self._held)
+            )
+        except (*UNREACHABLE, ResponseError):
+            return  # the next failed read or stop tries again
+        for _, entries in answer or []:
+            for entry_id, fields in entries:
+                if entry_id in self._held or entry_id in self._unacked:
+                    continue
+                if not fields:  # deleted meanwhile: only its pending record is left
+                    self._post(Reply(entry_id, None, {}, time.time() + 60))
+                    continue
+                log.warning("serving entry %s that a lost read had left pending", entry_id.decode())
+                self._accept(entry_id, fields)
+
     def _accept(self, entry_id: bytes, fields: dict) -> None:
         try:
             entry = parse_entry(entry_id, fields, self.keys)
@@ -210,8 +242,8 @@ class StreamWorker:
             invalid = InputError(f"bad request entry: {error}")
             self._answer_error(entry_id, error.reply_key, error.request_id, invalid, time.time() + 60)
             return
-        if entry_id in self._held:
-            return  # reclaimed while we still hold it
+        if entry_id in self._held or entry_id in self._unacked:
+            return  # reclaimed or read back while we still hold it or its answer
         task = asyncio.get_running_loop().create_task(self._serve(entry))
         self._held[entry_id] = task
         task.add_done_callback(lambda _: self._release(entry_id))
@@ -244,21 +276,25 @@ class StreamWorker:
     # ---------------------------------------------------------------- replying
 
     def _post(self, reply: Reply) -> None:
+        self._unacked.add(reply.entry_id)
         self._outbox.append(reply)
         self._outbox_ready.set()
 
     async def _write_replies_forever(self) -> None:
         """Write every ready reply, ack and delete their entries: one round trip per batch."""
-        while not (self._stopping and not self._held and not self._outbox):
+        while not (self._drained and not self._outbox):
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
                 replies, self._outbox = self._outbox, []
                 try:
                     await self._write(replies)
+                    self._unacked.difference_update(reply.entry_id for reply in replies)
                 except UNREACHABLE as error:
                     now = time.time()
                     self._outbox = [reply for reply in replies if reply.deadline > now] + self._outbox
+                    # too late to answer: left pending, read back (and failed) or reclaimed later
+                    self._unacked.difference_update(reply.entry_id for reply in replies if reply.deadline <= now)
                     await self._redis_lost(error)
 
     async def _write(self, replies: list[Reply]) -> None:
@@ -278,7 +314,7 @@ class StreamWorker:
         """Every third of the visibility timeout: keep our entries, take dead workers' ones."""
         period = self.visibility_timeout / 3
         ticks = 0
-        while not (self._stopping and not self._held):
+        while not self._drained:
             try:
                 await self._refresh_held()
                 if not self._stopping:  # a leaving worker only keeps what it holds
