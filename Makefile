@@ -39,10 +39,15 @@ soak: venv system-deps
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
 
-# peers (LitServe, service-streamer) and matplotlib live in the bench extra, never in the runtime deps
+# peers (LitServe, service-streamer) and matplotlib live in the bench extra, never in the runtime deps;
+# Infinity pins transformers < 4.58 (ours: 5.x), so it gets a venv of its own
+INFINITY_VENV ?= .venv-infinity
 bench-compare: venv
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py
+	test -x $(INFINITY_VENV)/bin/infinity_emb || ( $(PYTHON) -m venv $(INFINITY_VENV) \
+	  && $(INFINITY_VENV)/bin/python -m pip install --quiet torch==2.13.0 \
+	  && $(INFINITY_VENV)/bin/python -m pip install --quiet 'infinity-emb[server,torch,optimum]==0.0.78' torch==2.13.0 )
+	HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 INFINITY_VENV=$(abspath $(INFINITY_VENV)) $(BIN)/python benchmarks/compare.py
 
 # worker processes: process backend (1, 2 workers) vs thread on /v1/embeddings; PSS of 1 vs 4 workers
 bench-process: venv

@@ -38,8 +38,11 @@ class Server:
     stopped (terminate, then kill) on exit.
     """
 
-    def __init__(self, name: str, command: list[str], ready_path: str = "/readyz", ready_timeout: float = 180.0):
+    def __init__(
+        self, name: str, command: list[str], ready_path: str = "/readyz", ready_timeout: float = 180.0, cwd: Path = ROOT
+    ):
         self.name = name
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [*command, "--port", str(self.port)]
@@ -51,7 +54,7 @@ class Server:
     def __enter__(self) -> "Server":
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(  # own process group: stop() reaches its workers too
-                self.command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command, cwd=self.cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
             self._wait_ready()
@@ -116,27 +119,47 @@ def _bench(url: str, concurrency: int, duration: float) -> dict:
 
 
 class RawEncoder:
-    """In-process ``encode`` on batches of bench sentences: the ceiling (no HTTP, no JSON)."""
+    """In-process ``encode`` on batches of bench sentences: the ceiling (no HTTP, no JSON).
 
-    def __init__(self):
+    ``runtime`` "sentence-transformers": one padded pass per batch (torch fp32);
+    "onnx" with ``quantize`` "none" or "int8": batchserve's ONNX runtime with all cores in
+    this one process, each batch run as the length-sorted passes of the server's token
+    budget (``max_batch_tokens``), as a batcher would.
+    """
+
+    def __init__(self, runtime: str = "sentence-transformers", quantize: str = "none", max_batch_tokens: int = 256):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
         from batchserve.apps.embeddings import bundled_model_path
         from batchserve.bench.bodies import sentences
 
-        self.encoder = SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
         self.pool = sentences(256)  # the same texts, in the same order, as the HTTP load sends
+        if runtime == "sentence-transformers":
+            from sentence_transformers import SentenceTransformer
+
+            self.encoder = model = SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
+            self.encode = lambda batch: model.encode(batch, batch_size=len(batch), convert_to_numpy=True)
+        else:
+            from batchserve.batching import length_passes
+            from batchserve.runtimes.onnx_encoder import OnnxEncoder
+
+            self.encoder = model = OnnxEncoder(bundled_model_path(), threads=os.cpu_count(), quantize=quantize)
+            model.load()
+
+            def encode(batch: list[str]):
+                groups = length_passes(model.token_counts(batch), len(batch), max_batch_tokens)
+                return [model.encode([batch[i] for i in group]) for group in groups]
+
+            self.encode = encode
 
     def measure(self, duration: float, batch_size: int = 64, warmup: int = 2) -> dict:
         pool = self.pool
         batches = [pool[i : i + batch_size] for i in range(0, len(pool) - batch_size + 1, batch_size)]
         for batch in batches[:warmup]:
-            self.encoder.encode(batch, batch_size=batch_size)
+            self.encode(batch)
         seconds, count, started = [], 0, time.perf_counter()
         while time.perf_counter() - started < duration:
             began = time.perf_counter()
-            self.encoder.encode(batches[count % len(batches)], batch_size=batch_size, convert_to_numpy=True)
+            self.encode(batches[count % len(batches)])
             seconds.append(time.perf_counter() - began)
             count += 1
         elapsed = time.perf_counter() - started
@@ -148,9 +171,9 @@ class RawEncoder:
         }
 
 
-def raw_encode(duration: float, batch_size: int = 64) -> dict:
+def raw_encode(duration: float, batch_size: int = 64, **encoder) -> dict:
     """One :class:`RawEncoder` measurement (loads the model, measures, lets it go)."""
-    return RawEncoder().measure(duration, batch_size)
+    return RawEncoder(**encoder).measure(duration, batch_size)
 
 
 def merge_rounds(summaries: list[dict]) -> dict:
