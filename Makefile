@@ -62,6 +62,11 @@ bench-generation: venv
 bench-redis: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
 
+# the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
+.PHONY: bench-overhead
+bench-overhead: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+
 # the container image (deploy/Dockerfile) with docker when a daemon answers, else with buildah
 # (installed when missing); on a local Debian base when python:3.11-slim cannot be pulled
 IMAGE ?= batchserve:latest
