@@ -92,12 +92,27 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 def deadline_dependency(settings: Settings):
-    """A FastAPI dependency reading the per-request deadline header (seconds)."""
+    """A FastAPI dependency reading the per-request deadline header (seconds).
+
+    The function it returns also carries ``from_header = (header name, parse)``, so that a
+    :class:`~batchserve.apps.json_route.JSONBodyRoute` reads the header without FastAPI's
+    dependency solving (the same parse, the same errors)."""
     default, limit = settings.batching.timeout, settings.batching.max_timeout
 
     def number_schema(schema: dict) -> None:  # parsed below, for messages that name the header
         schema.clear()
         schema.update({"type": "number", "exclusiveMinimum": 0, "maximum": limit})
+
+    def parse(value: str | None) -> float:
+        if value is None:
+            return default
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds") from None
+        if not 0 < seconds <= limit:
+            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {limit:g}] seconds")
+        return seconds
 
     # async: FastAPI calls a sync dependency in a thread pool, one thread hop per request
     async def request_timeout(
@@ -107,14 +122,7 @@ def deadline_dependency(settings: Settings):
             json_schema_extra=number_schema,
         ),
     ) -> float:
-        if x_request_timeout is None:
-            return default
-        try:
-            seconds = float(x_request_timeout)
-        except ValueError:
-            raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds") from None
-        if not 0 < seconds <= limit:
-            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {limit:g}] seconds")
-        return seconds
+        return parse(x_request_timeout)
 
+    request_timeout.from_header = (TIMEOUT_HEADER.lower(), parse)
     return request_timeout

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.apps.json_route import JSONBodyRoute
 from batchserve.apps.openai import ErrorBody
 from batchserve.batching import Batcher
 from batchserve.model import ModelSpec, as_model, import_object, model_name
@@ -41,7 +42,7 @@ def parse_model_option(option: str) -> tuple[str, str]:
 
 
 def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["models"])
+    router = APIRouter(tags=["models"], route_class=JSONBodyRoute)
     request_timeout = deadline_dependency(settings)
 
     @router.post(

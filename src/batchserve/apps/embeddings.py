@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
+from batchserve.apps.json_route import JSONBodyRoute
 from batchserve.apps.openai import MODEL_NOT_FOUND, served_model, texts_of, usage
 from batchserve.apps.responses import FastJSONResponse
 from batchserve.batching import Batcher
@@ -191,7 +192,7 @@ def cluster(vectors: np.ndarray, threshold: float) -> list[list[int]]:
 
 
 def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["embeddings"])
+    router = APIRouter(tags=["embeddings"], route_class=JSONBodyRoute)
     request_timeout = deadline_dependency(settings)
 
     @router.post(ROUTE, summary="OpenAI-compatible sentence embeddings", responses=MODEL_NOT_FOUND)
@@ -221,7 +222,7 @@ def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
         outputs = await batcher.submit(body.sentences, timeout=timeout)
         vectors = np.stack([vector for vector, _ in outputs])
         groups = cluster(vectors, body.threshold)
-        return {"clusters": [[body.sentences[index] for index in group] for group in groups]}
+        return FastJSONResponse({"clusters": [[body.sentences[index] for index in group] for group in groups]})
 
     return router
 
