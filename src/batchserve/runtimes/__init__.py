@@ -22,9 +22,10 @@ ENCODERS: dict[str, str] = {
     "onnx": "batchserve.runtimes.onnx_encoder:OnnxEncoder",
 }
 
-#: causal-LM runtime name → class (imported when first asked for); built with ``cls.load(path, cache_dir, device)``
+#: causal-LM runtime name → class (imported when first asked for); built with ``cls.load(path, cache_dir, device, ...)``
 LANGUAGE_MODELS: dict[str, str] = {
     "torch": "batchserve.runtimes.torch_lm:TorchCausalLM",
+    "llama.cpp": "batchserve.runtimes.llama_lm:LlamaCausalLM",
 }
 
 

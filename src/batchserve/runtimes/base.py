@@ -90,12 +90,16 @@ class CausalLM(ABC):
         device: str = "cpu",
         max_sequences: int = 32,
         threads: int | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> "CausalLM":
         """The runtime with ``path`` loaded (None: the bundled model).
 
         ``max_sequences``: the most sequences live at once (the engine's ``max_rows``; a
         runtime that sizes its KV cache up front, llama.cpp's ``n_seq_max``, uses it);
-        ``threads``: CPU threads for the passes (None: the runtime's default).
+        ``threads``: CPU threads for the passes (None: the runtime's default);
+        ``prefix_cache_tokens``: the budget of a runtime that keeps released sequences for
+        later prompts beginning with their tokens (0: keep none; ignored by a runtime
+        without a prefix cache).
         """
 
     # ---------------------------------------------------------------- the model's facts
@@ -172,3 +176,8 @@ class CausalLM(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for ``/readyz``: runtime, device, precision..."""
         return {"runtime": self.name}
+
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """The prefix cache's counters (``hits``, ``misses``, ``reused_tokens``, ``evictions``)
+        and contents (``entries``, ``tokens``, ``budget_tokens``); None: the runtime has none."""
+        return None

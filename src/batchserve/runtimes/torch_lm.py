@@ -46,9 +46,11 @@ class TorchCausalLM(CausalLM):
         device: str = "cpu",
         max_sequences: int = 32,
         threads: int | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> "TorchCausalLM":
         """``max_sequences`` is not needed (the row cache grows with the batch); ``threads`` sets
-        torch's intra-op threads, process-wide (every torch model of the process)."""
+        torch's intra-op threads, process-wide (every torch model of the process); there is no
+        prefix cache (``prefix_cache_tokens`` is ignored)."""
         if threads:
             torch.set_num_threads(threads)
         loaded = load_causal_lm(path, cache_dir, device=device)

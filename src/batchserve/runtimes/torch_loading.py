@@ -100,6 +100,40 @@ def ensure_converted(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, f
     return target, seconds
 
 
+def load_gguf_tokenizer(gguf: Path, cache_dir: Path | None = None):
+    """The Hugging Face tokenizer of ``gguf``, without its weights (the llama.cpp runtime's).
+
+    Read from the dequantized copy's directory when there is one; else built from the GGUF
+    file (about 6 s) and saved once to a tokenizer-only directory beside where that copy
+    would go, so that later loads take about a second.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    model_dir = converted_dir(gguf, Path(cache_dir) if cache_dir else default_cache_dir())
+    tokenizer_dir = model_dir.with_name(model_dir.name + "-tokenizer")
+    if (model_dir / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{tokenizer_dir.name}-", dir=tokenizer_dir.parent))
+    except OSError as error:  # a read-only cache: build it again next time
+        log.warning("cannot cache the tokenizer of %s under %s: %s", gguf.name, tokenizer_dir.parent, error)
+        return tokenizer
+    try:
+        tokenizer.save_pretrained(scratch)
+        scratch.rename(tokenizer_dir)
+    except OSError:  # another process finished first (or the disk refused): theirs, or none, is fine
+        pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return tokenizer
+
+
 def load_causal_lm(path: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> LoadedModel:
     """Load ``path`` (a Hugging Face causal-LM directory or a ``.gguf`` file), else the bundled model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
