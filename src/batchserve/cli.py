@@ -12,7 +12,16 @@ from typing import Any, Iterator, List, Optional
 import typer
 from annotated_types import Ge, Le
 
-from batchserve.settings import AppName, BackendKind, EncoderRuntimeName, LogLevel, Quantization, Settings, field_info
+from batchserve.settings import (
+    AppName,
+    BackendKind,
+    EncoderRuntimeName,
+    LanguageModelRuntimeName,
+    LogLevel,
+    Quantization,
+    Settings,
+    field_info,
+)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Dynamic batching for model serving."
@@ -96,6 +105,8 @@ def serve(
     generation_cache_dir: Optional[str] = option("generation_cache_dir"),
     generation_max_rows: int = option("generation_max_rows"),
     generation_threads: Optional[int] = option("generation_threads"),
+    generation_runtime: LanguageModelRuntimeName = option("generation_runtime"),
+    generation_prefix_cache_tokens: int = option("generation_prefix_cache_tokens"),
     docs: bool = option("docs", "--docs/--no-docs"),
     metrics: bool = option("metrics", "--metrics/--no-metrics"),
     log_level: LogLevel = option("log_level"),

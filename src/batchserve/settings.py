@@ -48,6 +48,15 @@ class EncoderRuntimeName(str, enum.Enum):
     torch = "torch"
 
 
+class LanguageModelRuntimeName(str, enum.Enum):
+    """What runs the generation model (see :mod:`batchserve.runtimes`); ``auto``: llama.cpp on a
+    CPU for a GGUF model when llama-cpp-python loads, torch otherwise (and always on a GPU)."""
+
+    auto = "auto"
+    llama_cpp = "llama.cpp"
+    torch = "torch"
+
+
 class Quantization(str, enum.Enum):
     """Weights of the embeddings model: as trained, or int8 (onnx only, behind a quality gate)."""
 
@@ -116,7 +125,18 @@ class GenerationSettings(_Group):
     )
     generation_max_rows: int = Field(32, ge=1, description="generation: sequences decoding together")
     generation_threads: int | None = Field(
-        None, ge=1, description="generation: torch threads of this process (default: torch's, one per core)"
+        None, ge=1,
+        description="generation: threads of the runtime (default: torch's, one per core; llama.cpp: the cores this process may use)",
+    )
+    generation_runtime: LanguageModelRuntimeName = Field(
+        LanguageModelRuntimeName.auto,
+        description="generation/infill: auto (llama.cpp on a CPU for a .gguf model when llama-cpp-python loads, else torch), "
+        "llama.cpp or torch",
+    )
+    generation_prefix_cache_tokens: int = Field(
+        4096, ge=0,
+        description="generation, llama.cpp runtime: tokens of finished sequences kept so that prompts beginning with them "
+        "reuse their KV cache (LRU; 0: no prefix cache)",
     )
 
 

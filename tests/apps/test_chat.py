@@ -37,8 +37,9 @@ on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def http():
-    # one torch thread: on a CPU shared with other tests, spinning OpenMP threads slow it down many times
-    app = create_app(Settings.from_options(apps=["generation"], generation_threads=1, timeout=120))
+    # one torch thread: on a CPU shared with other tests, spinning OpenMP threads slow it down many times;
+    # the torch runtime: these tests read its model directory (/readyz path: the tokenizer, the weights)
+    app = create_app(Settings.from_options(apps=["generation"], generation_runtime="torch", generation_threads=1, timeout=120))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300) as client:
             await wait_ready(client, 300)

@@ -196,3 +196,28 @@ def test_infill_answers_504_at_its_deadline(generation_server):
                        timeout=60)
     assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline"
     assert clock.monotonic() - started < 3.0
+
+
+def test_readyz_and_metrics_show_the_runtime_and_its_prefix_cache(client):
+    """auto: llama.cpp on this CPU when llama-cpp-python loads (else torch); a prompt that
+    begins with an earlier one's tokens is a prefix-cache hit, counted in /metrics."""
+    import importlib.util
+
+    engine = engine_state(client)
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert engine["runtime"] == "torch" and "prefix_cache" not in engine
+        return
+    assert engine["runtime"] == "llama.cpp" and engine["precision"] == "Q4_1"
+    assert engine["prefix_cache"]["budget_tokens"] == 4096
+
+    def counter(name: str) -> float:
+        lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(f"{name} ")]
+        return float(lines[0].split()[1])
+
+    hits, reused = counter("batchserve_generation_prefix_cache_hits_total"), counter("batchserve_generation_prefix_cache_reused_tokens_total")
+    text = "The lighthouse keeper climbed the hundred and twelve steps to the lamp room every evening."
+    complete(client, prompt=text, max_tokens=2, temperature=0)
+    complete(client, prompt=text + " One night", max_tokens=2, temperature=0)
+    assert counter("batchserve_generation_prefix_cache_hits_total") >= hits + 1
+    assert counter("batchserve_generation_prefix_cache_reused_tokens_total") >= reused + 15
+    assert engine_state(client)["prefix_cache"]["tokens"] <= 4096

@@ -19,8 +19,8 @@ from batchserve.apps.base import Service
 from batchserve.devices import pick_torch_device
 from batchserve.errors import ClientDisconnectedError, NotReadyError
 from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest
-from batchserve.runtimes import language_model_class
-from batchserve.settings import Settings
+from batchserve.runtimes import CausalLM, language_model_class
+from batchserve.settings import GenerationSettings, LanguageModelRuntimeName, Settings
 
 log = logging.getLogger("batchserve.generation")
 
@@ -29,8 +29,26 @@ T = TypeVar("T")
 #: seconds between two checks whether the HTTP client is still there
 DISCONNECT_POLL = 0.25
 
-#: the causal-LM runtime the host builds (a name in ``batchserve.runtimes.LANGUAGE_MODELS``)
-LANGUAGE_MODEL_RUNTIME = "torch"
+def runtime_name(generation: GenerationSettings, device: str) -> str:
+    """The causal-LM runtime to build (a name in ``batchserve.runtimes.LANGUAGE_MODELS``): the
+    one set, or for ``auto`` llama.cpp on a CPU for a GGUF model (the bundled one included)
+    when llama-cpp-python loads, else torch."""
+    chosen = generation.generation_runtime
+    if chosen is not LanguageModelRuntimeName.auto:
+        return chosen.value
+    gguf = generation.generation_model is None or generation.generation_model.endswith(".gguf")
+    if device == "cpu" and gguf and _llama_cpp_loads():
+        return LanguageModelRuntimeName.llama_cpp.value
+    return LanguageModelRuntimeName.torch.value
+
+
+def _llama_cpp_loads() -> bool:
+    try:
+        import llama_cpp  # noqa: F401  (its shared library loads at import)
+    except Exception as error:  # not installed, or built for another machine
+        log.info("llama-cpp-python does not load (%s): the generation runtime is torch", error)
+        return False
+    return True
 
 
 class GenerationHost:
@@ -38,10 +56,12 @@ class GenerationHost:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.device = pick_torch_device()
         # resolved (its module imported: torch, transformers) here, in the thread that builds the
         # apps: importing transformers in the loading thread while another service's loading
         # thread imports it too fails ("cannot import name 'AutoTokenizer'")
-        self.runtime = language_model_class(LANGUAGE_MODEL_RUNTIME)
+        self.runtime = language_model_class(runtime_name(settings.generation, self.device))
+        self.lm: CausalLM | None = None
         self.engine: GenerationEngine | None = None
         self.load_info: dict[str, Any] = {}
         self.collector = GenerationCollector(self)
@@ -60,12 +80,14 @@ class GenerationHost:
         lm = self.runtime.load(
             generation.generation_model,
             generation.generation_cache_dir,
-            device=pick_torch_device(),
+            device=self.device,
             max_sequences=limits.max_rows,
             threads=generation.generation_threads,
+            prefix_cache_tokens=generation.generation_prefix_cache_tokens,
         )
         engine = GenerationEngine(lm, limits)
         engine.start()
+        self.lm = lm
         self.load_info = {**lm.describe(), **lm.load_info}
         log.info("generation model %s loaded by the %s runtime in %.2f s", lm.model_name, lm.name, lm.load_info.get("load_seconds", 0.0))
         self.engine = engine
@@ -88,9 +110,13 @@ class GenerationHost:
     def model_name(self) -> str | None:
         return self.engine.name if self.engine is not None else None
 
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        return self.lm.prefix_cache_stats() if self.lm is not None else None
+
     def describe(self) -> dict[str, Any]:
         engine = self.engine.describe() if self.engine is not None else {}
-        return {**engine, **self.load_info}
+        cache = self.prefix_cache_stats()
+        return {**engine, **self.load_info, **({"prefix_cache": cache} if cache is not None else {})}
 
 
 _hosts: dict[tuple, GenerationHost] = {}
@@ -102,6 +128,15 @@ def host_for(settings: Settings) -> GenerationHost:
     if key not in _hosts:
         _hosts[key] = GenerationHost(settings)
     return _hosts[key]
+
+
+#: the prefix cache's counters in /metrics (``batchserve_generation_prefix_cache_<key>_total``)
+PREFIX_CACHE_COUNTERS = {
+    "hits": "Prompts that began with tokens the prefix cache held",
+    "misses": "Prompts the prefix cache had nothing for",
+    "reused_tokens": "Prompt tokens taken from the prefix cache instead of being run",
+    "evictions": "Prefix-cache entries dropped for room",
+}
 
 
 class GenerationCollector:
@@ -128,6 +163,14 @@ class GenerationCollector:
         tokens.add_metric([], figures.get("tokens_generated", 0))
         first.add_metric([], figures.get("first_tokens", 0), figures.get("first_token_seconds", 0.0))
         yield from (rows, waiting, steps, tokens, first)
+        cache = self.host.prefix_cache_stats() or {}
+        for key, help_text in PREFIX_CACHE_COUNTERS.items():
+            counter = CounterMetricFamily(f"batchserve_generation_prefix_cache_{key}", help_text)
+            counter.add_metric([], cache.get(key, 0))
+            yield counter
+        held = GaugeMetricFamily("batchserve_generation_prefix_cache_tokens", "Tokens the prefix cache holds")
+        held.add_metric([], cache.get("tokens", 0))
+        yield held
 
 
 class GenerationService(Service):
