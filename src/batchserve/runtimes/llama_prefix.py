@@ -49,6 +49,7 @@ class PrefixCache:
         self.budget = budget if slots else 0
         self.min_tokens = max(1, min_tokens)
         self._entries: dict[int, Entry] = {}  # slot -> entry
+        self._tokens = 0  # over every entry (kept as a count: stats() may be read from another thread)
         self._clock = 0
         self.hits = 0
         self.misses = 0
@@ -62,7 +63,7 @@ class PrefixCache:
     @property
     def tokens(self) -> int:
         """Tokens held over every entry."""
-        return sum(len(entry.tokens) for entry in self._entries.values())
+        return self._tokens
 
     def entries(self) -> list[tuple[int, list[int]]]:
         """(slot, tokens) of each entry, least recently used first."""
@@ -127,6 +128,7 @@ class PrefixCache:
         slot = next(slot for slot in self.slots if slot not in used)
         entry = Entry(slot, kept)
         self._entries[slot] = entry
+        self._tokens += keep
         self._touch(entry)
         return Admission(slot, keep, evict)
 
@@ -135,14 +137,11 @@ class PrefixCache:
         slots = list(self._entries)
         self.evictions += len(slots)
         self._entries.clear()
+        self._tokens = 0
         return slots
 
-    def forget(self) -> None:
-        """Forget every entry without counting evictions (the KV cache was cleared)."""
-        self._entries.clear()
-
     def _remove(self, slot: int) -> int:
-        del self._entries[slot]
+        self._tokens -= len(self._entries.pop(slot).tokens)
         return slot
 
     def _touch(self, entry: Entry) -> None:
