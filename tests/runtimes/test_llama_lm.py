@@ -134,6 +134,7 @@ def test_registry_and_model_facts(lm):
     assert facts["runtime"] == "llama.cpp" and facts["precision"] == "Q4_1" and facts["threads"] == 1
     assert lm.load_info["path"].endswith(".gguf") and lm.load_info["context_tokens"] >= context_tokens(8, 8192, 0)[0]
     assert lm.prefix_cache_stats()["budget_tokens"] == 0
+    assert lm.max_kv_tokens == 8192  # the cells the running sequences may take (the engine admits no more)
 
 
 def test_the_tokenizer_gives_llama_cpps_ids(lm):

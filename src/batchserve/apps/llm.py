@@ -85,6 +85,8 @@ class GenerationHost:
             threads=generation.generation_threads,
             prefix_cache_tokens=generation.generation_prefix_cache_tokens,
         )
+        if lm.max_kv_tokens:  # a KV cache of a fixed size: admit no more than it holds (503 past it)
+            limits.max_kv_tokens = min(limits.max_kv_tokens, lm.max_kv_tokens)
         engine = GenerationEngine(lm, limits)
         engine.start()
         self.lm = lm

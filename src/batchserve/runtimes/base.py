@@ -80,6 +80,9 @@ class CausalLM(ABC):
     model_name: str = "model"
     #: facts about how the model was loaded, for ``/readyz`` (path, seconds...)
     load_info: dict[str, Any] = {}
+    #: KV-cache tokens the running sequences may hold in all (None: as many as memory allows);
+    #: a runtime that allocates its cache up front says how big it is, and the engine admits no more
+    max_kv_tokens: int | None = None
 
     @classmethod
     @abstractmethod

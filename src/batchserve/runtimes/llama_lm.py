@@ -85,12 +85,14 @@ class LlamaCausalLM(CausalLM):
         model_name: str = "model",
         load_info: dict[str, Any] | None = None,
         threads: int = 1,
+        max_kv_tokens: int | None = None,
     ):
         self.model = model
         self.context = context
         self._tokenizer = tokenizer
         self.max_sequences = max_sequences
         self._max_positions = max_positions
+        self.max_kv_tokens = max_kv_tokens
         self.prefix_cache = prefix_cache
         self.model_name = model_name
         self.load_info = dict(load_info or {})
@@ -155,7 +157,7 @@ class LlamaCausalLM(CausalLM):
         }
         name = BUNDLED_NAME if path is None else gguf.stem
         max_positions = min(model.n_ctx_train, running) if model.n_ctx_train > 0 else running
-        return cls(model, context, tokenizer, max_sequences, max_positions, prefix_cache, name, info, threads)
+        return cls(model, context, tokenizer, max_sequences, max_positions, prefix_cache, name, info, threads, running)
 
     # ---------------------------------------------------------------- the model's facts
 

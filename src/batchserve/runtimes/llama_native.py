@@ -22,7 +22,10 @@ import threading
 
 import numpy as np
 
-import llama_cpp as lib
+try:
+    import llama_cpp as lib
+except ImportError as error:
+    raise ImportError(f"the llama.cpp runtime needs llama-cpp-python (make installs it): {error}") from error
 
 log = logging.getLogger("batchserve.llama")
 
