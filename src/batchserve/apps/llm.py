@@ -29,6 +29,7 @@ T = TypeVar("T")
 #: seconds between two checks whether the HTTP client is still there
 DISCONNECT_POLL = 0.25
 
+
 def runtime_name(generation: GenerationSettings, device: str) -> str:
     """The causal-LM runtime to build (a name in ``batchserve.runtimes.LANGUAGE_MODELS``): the
     one set, or for ``auto`` llama.cpp on a CPU for a GGUF model (the bundled one included)
