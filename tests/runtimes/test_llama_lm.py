@@ -25,8 +25,8 @@ from batchserve.runtimes import llama_lm  # noqa: E402
 from batchserve.runtimes.llama_lm import LlamaCausalLM, context_tokens  # noqa: E402
 from batchserve.runtimes.llama_native import Context, KVCacheFullError, LlamaDecodeError  # noqa: E402
 from batchserve.runtimes.llama_prefix import PrefixCache  # noqa: E402
+from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone  # noqa: E402
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little girl who"]
 DOCUMENT = (
     "The lighthouse stood at the edge of the northern cliffs, where the sea was grey for most of the year. "
     "Its keeper, an old man named Tobias, had lived there alone for thirty years. Every evening he climbed "
@@ -145,19 +145,7 @@ def test_the_tokenizer_gives_llama_cpps_ids(lm):
 
 
 def test_prefill_fork_decode_equal_each_sequence_alone(lm):
-    prompts = [lm.encode(p) for p in PROMPTS]
-    logits = lm.prefill([0, 1, 2], prompts)
-    check(lm, logits, prompts)
-    lm.fork(1, [3, 4])
-    assert sorted(lm.live) == [0, 1, 2, 3, 4]
-    sequences = {seq: list(prompts[1] if seq >= 3 else prompts[seq]) for seq in range(5)}
-    order = [4, 0, 3, 2, 1]
-    for step in range(3):
-        tokens = [100 + 7 * seq + step for seq in order]  # distinct tokens: the forks diverge
-        logits = lm.decode(order, tokens)
-        for seq, token in zip(order, tokens):
-            sequences[seq].append(token)
-        check(lm, logits, [sequences[seq] for seq in order])
+    prefill_fork_decode_each_alone(lm, [lm.encode(p) for p in PROMPTS], check)
 
 
 def test_forks_give_n_greedy_alternatives_equal_to_alone_runs(lm):

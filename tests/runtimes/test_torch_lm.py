@@ -12,8 +12,8 @@ import torch
 from batchserve.runtimes import LANGUAGE_MODELS, CausalLM, language_model_class
 from batchserve.runtimes.torch_kv import RowCache
 from batchserve.runtimes.torch_lm import TorchCausalLM
+from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little girl who"]
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +62,7 @@ def test_model_facts(lm):
 
 
 def test_prefill_fork_decode_equal_each_sequence_alone(lm):
-    prompts = [lm.encode(p) for p in PROMPTS]  # three lengths: left padding
-    logits = lm.prefill([0, 1, 2], prompts)
-    check(lm, logits, prompts)
-    lm.fork(1, [3, 4])  # two more alternatives of prompt 1, sharing its prefill
-    assert sorted(lm.live) == [0, 1, 2, 3, 4]
-    sequences = {seq: list(prompts[1] if seq >= 3 else prompts[seq]) for seq in range(5)}
-    order = [4, 0, 3, 2, 1]  # any order: the logits follow it
-    for step in range(3):
-        tokens = [100 + 7 * seq + step for seq in order]  # distinct tokens: the forks diverge
-        logits = lm.decode(order, tokens)
-        for seq, token in zip(order, tokens):
-            sequences[seq].append(token)
-        check(lm, logits, [sequences[seq] for seq in order])
+    prefill_fork_decode_each_alone(lm, [lm.encode(p) for p in PROMPTS], check)  # three lengths: left padding
 
 
 def test_rows_join_and_leave_between_steps_and_keep_their_logits(lm):
