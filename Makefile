@@ -64,6 +64,27 @@ bench-process: venv
 bench-generation: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_generation.py
 
+# batchserve's generation app against llama.cpp's own llama-server, same GGUF, in one run (issue 12);
+# never part of `make test`. LLAMA_SERVER: a llama-server binary; without it, one is built once into
+# benchmarks/out/llama.cpp-build from the llama.cpp that llama-cpp-python vendors (about 16 min CPU)
+LLAMA_SERVER_BUILD := benchmarks/out/llama.cpp-build
+LLAMA_SERVER_SRC := benchmarks/out/llama.cpp-src
+LLAMA_SERVER ?= $(LLAMA_SERVER_BUILD)/bin/llama-server
+.PHONY: bench-llama-server
+bench-llama-server: venv $(LLAMA_SERVER)
+	HF_HUB_OFFLINE=1 LLAMA_SERVER=$(abspath $(LLAMA_SERVER)) $(BIN)/python benchmarks/bench_llama_server.py
+
+$(LLAMA_SERVER_BUILD)/bin/llama-server: | venv
+	mkdir -p $(LLAMA_SERVER_SRC)
+	test -f $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36.tar.gz || $(BIN)/python -m pip download --quiet \
+	  llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d $(LLAMA_SERVER_SRC)
+	tar -xzf $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_SERVER_SRC)
+	cmake -S $(LLAMA_SERVER_SRC)/llama_cpp_python-0.3.36/vendor/llama.cpp -B $(LLAMA_SERVER_BUILD) \
+	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+	  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build $(LLAMA_SERVER_BUILD) --target llama-server -j 2
+
 # redis mode (one worker host x 2, two hosts x 1) vs the process backend, 2 workers each (issue 4)
 bench-redis: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
