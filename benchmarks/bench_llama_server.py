@@ -217,7 +217,7 @@ def rows_for(ours: dict, theirs: dict, args: argparse.Namespace) -> list[list[st
 
 
 def llama_server_version(binary: str) -> str:
-    finished = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    finished = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True, timeout=60)
     lines = (finished.stdout + finished.stderr).strip().splitlines()
     version = next((line for line in lines if line.startswith("version:")), "version: unknown")
     return version.removeprefix("version:").strip()
@@ -268,15 +268,15 @@ def main() -> None:
         "",
         f"- command: `{command_line}` (`make bench-llama-server`)",
         f"- machine: {machine()}; {load_average.line()} (shared with other jobs while measured)",
-        f"- versions: llama-server {llama_server_version(args.llama_server)} (built from the llama.cpp that "
-        f"llama-cpp-python vendors), llama-cpp-python {llama_cpp_python_version()}",
-        f"- same GGUF: {gguf.name}; batchserve: `serve --app generation --generation-threads {args.threads}` "
+        (f"- versions: llama-server {llama_server_version(args.llama_server)} (built from the llama.cpp that "
+        f"llama-cpp-python vendors), llama-cpp-python {llama_cpp_python_version()}"),
+        (f"- same GGUF: {gguf.name}; batchserve: `serve --app generation --generation-threads {args.threads}` "
         f"(runtime {facts.get('runtime')}, {facts.get('precision')}); llama-server: "
-        f"`--parallel 8 -t {args.threads} -c 8192 --no-webui`; both with their defaults otherwise (prompt/prefix caches on)",
-        f"- every request temperature 1, ignore_eos; one request and n=3 vs n=1: median of {args.repeats} alternating "
+        f"`--parallel 8 -t {args.threads} -c 8192 --no-webui`; both with their defaults otherwise (prompt/prefix caches on)"),
+        (f"- every request temperature 1, ignore_eos; one request and n=3 vs n=1: median of {args.repeats} alternating "
         f"pairs on a {len(PROMPT.split())}-word prompt; editor clients: {args.clients} clients back to back for "
         f"{args.duration:g} s, each prompt distinct (\"Note C.R: <a sentence>\"); next Tab: medians over "
-        f"{args.documents} documents; latencies are wall clock at the client.{n_note}",
+        f"{args.documents} documents; latencies are wall clock at the client.{n_note}"),
         *([f"- note: {args.note}"] if args.note else []),
         "",
         markdown_table(["what", "batchserve", "llama-server", "batchserve / llama-server", "target"],
