@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def main() -> None:
     ours_results = measure(ours, args)
     theirs_results = measure(theirs, args)
 
-    command_line = " ".join(["python benchmarks/bench_llama_server.py", *sys.argv[1:]])
+    command_line = shlex.join(["python", "benchmarks/bench_llama_server.py", *sys.argv[1:]])
     n_note = "" if theirs.native_n else (
         " llama-server answered n=3 with fewer choices, so 3 requests with different seeds were sent at once for each n=3.")
     facts = ours.facts
