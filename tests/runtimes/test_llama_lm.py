@@ -25,7 +25,7 @@ from batchserve.runtimes import llama_lm  # noqa: E402
 from batchserve.runtimes.llama_lm import LlamaCausalLM, context_tokens  # noqa: E402
 from batchserve.runtimes.llama_native import Context, KVCacheFullError, LlamaDecodeError  # noqa: E402
 from batchserve.runtimes.llama_prefix import PrefixCache  # noqa: E402
-from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone  # noqa: E402
+from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone, rows_join_and_leave  # noqa: E402
 
 DOCUMENT = (
     "The lighthouse stood at the edge of the northern cliffs, where the sea was grey for most of the year. "
@@ -168,23 +168,8 @@ def test_forks_give_n_greedy_alternatives_equal_to_alone_runs(lm):
 
 
 def test_rows_join_and_leave_between_steps_and_keep_their_logits(lm):
-    long, short = lm.encode(PROMPTS[2]), lm.encode(PROMPTS[0])
-    lm.prefill([0], [long])
-    sequences = {0: list(long)}
-    for token in (11, 12):
-        lm.decode([0], [token])
-        sequences[0].append(token)
-    check(lm, lm.prefill([1], [short]), [short])
-    sequences[1] = list(short)
-    logits = lm.decode([0, 1], [13, 21])
-    sequences[0].append(13)
-    sequences[1].append(21)
-    check(lm, logits, [sequences[0], sequences[1]])
-    lm.release([0])
-    assert lm.live == [1] and lm.context.seq_length(0) == 0  # its cells are free
-    logits = lm.decode([1], [22])
-    sequences[1].append(22)
-    check(lm, logits, [sequences[1]])
+    rows_join_and_leave(lm, check)
+    assert lm.context.seq_length(0) == 0  # the released sequence's cells are free
 
 
 def test_refusals_leave_the_live_sequences_as_they_were(lm):

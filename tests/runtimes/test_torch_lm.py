@@ -12,7 +12,7 @@ import torch
 from batchserve.runtimes import LANGUAGE_MODELS, CausalLM, language_model_class
 from batchserve.runtimes.torch_kv import RowCache
 from batchserve.runtimes.torch_lm import TorchCausalLM
-from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone
+from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone, rows_join_and_leave
 
 
 
@@ -66,25 +66,8 @@ def test_prefill_fork_decode_equal_each_sequence_alone(lm):
 
 
 def test_rows_join_and_leave_between_steps_and_keep_their_logits(lm):
-    long, short = lm.encode(PROMPTS[2]), lm.encode(PROMPTS[0])
-    lm.prefill([0], [long])
-    sequences = {0: list(long)}
-    for token in (11, 12):
-        lm.decode([0], [token])
-        sequences[0].append(token)
-    logits = lm.prefill([1], [short])  # merged under the running row, left-padded
-    sequences[1] = list(short)
-    check(lm, logits, [short])
-    logits = lm.decode([0, 1], [13, 21])
-    sequences[0].append(13)
-    sequences[1].append(21)
-    check(lm, logits, [sequences[0], sequences[1]])
-    lm.release([0])  # the longer row leaves: its leading columns are padding for the rest
-    assert lm.live == [1]
-    logits = lm.decode([1], [22])
-    sequences[1].append(22)
-    check(lm, logits, [sequences[1]])
-    assert lm._cache.columns == len(sequences[1])  # the all-padding columns were dropped
+    sequences = rows_join_and_leave(lm, check)  # the short row joins left-padded under the long one
+    assert lm._cache.columns == len(sequences[1])  # the long row's all-padding columns were dropped
 
 
 def test_release_frees_rows_and_decode_takes_every_live_sequence(lm):
