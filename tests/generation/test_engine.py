@@ -15,16 +15,8 @@ import torch
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
+from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, wait_for_step
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, there was a little",
-    "Here is a list of fruits: apple, banana,",
-    "The quick brown fox",
-    "In 1969, the first man to walk on the moon was",
-]
-MAX_TOKENS = 8
 
 
 
@@ -42,12 +34,6 @@ def generate_alone(lm, prompt: str, max_tokens: int) -> list[int]:
     with torch.inference_mode():
         output = lm.model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False)
     return output[0, encoded["input_ids"].shape[1] :].tolist()
-
-
-async def wait_for_step(engine: GenerationEngine, step: int, timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout):
-        while engine.steps < step:
-            await asyncio.sleep(0.005)
 
 
 async def test_greedy_rows_joining_at_different_steps_match_generate_alone(lm, engine):

@@ -16,16 +16,8 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 from batchserve.errors import ModelError  # noqa: E402
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams  # noqa: E402
 from batchserve.runtimes.llama_lm import LlamaCausalLM  # noqa: E402
+from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, wait_for_step  # noqa: E402
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, there was a little",
-    "Here is a list of fruits: apple, banana,",
-    "The quick brown fox",
-    "In 1969, the first man to walk on the moon was",
-]
-MAX_TOKENS = 8
 #: logits: top two closer than this are a tie llama.cpp's rounding may break either way
 MARGIN = 1.0
 
@@ -73,12 +65,6 @@ async def idle(engine: GenerationEngine) -> None:
     async with asyncio.timeout(30):
         while engine.active_rows or engine.waiting_requests:
             await asyncio.sleep(0.01)
-
-
-async def wait_for_step(engine: GenerationEngine, step: int, timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout):
-        while engine.steps < step:
-            await asyncio.sleep(0.005)
 
 
 async def test_greedy_rows_joining_at_different_steps_match_the_runtime_alone(llama, engine):
