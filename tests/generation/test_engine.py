@@ -15,10 +15,7 @@ import torch
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
-from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, wait_for_step
-
-
-
+from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, greedy_results_joining_at_distinct_steps, wait_for_step
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +34,7 @@ def generate_alone(lm, prompt: str, max_tokens: int) -> list[int]:
 
 
 async def test_greedy_rows_joining_at_different_steps_match_generate_alone(lm, engine):
-    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-    requests = []
-    for prompt in PROMPTS:
-        request = engine.submit(engine.encode(prompt), greedy, timeout=300)
-        requests.append(request)
-        async with asyncio.timeout(60):
-            while request.admitted_step is None:
-                await asyncio.sleep(0.005)
-        # the next request arrives only after this one has run at least one decode step
-        await wait_for_step(engine, request.admitted_step + 2)
-    results = await asyncio.gather(*(request.result() for request in requests))
-
-    joined_at = [request.admitted_step for request in requests]
-    assert all(a < b for a, b in zip(joined_at, joined_at[1:])), f"requests should join at distinct steps: {joined_at}"
-    # each joined while the one before it was still generating
-    assert all(b - a < MAX_TOKENS for a, b in zip(joined_at, joined_at[1:])), joined_at
+    results = await greedy_results_joining_at_distinct_steps(engine)
     for prompt, result in zip(PROMPTS, results):
         expected = generate_alone(lm, prompt, MAX_TOKENS)
         got = result.choices[0].token_ids

@@ -16,7 +16,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 from batchserve.errors import ModelError  # noqa: E402
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams  # noqa: E402
 from batchserve.runtimes.llama_lm import LlamaCausalLM  # noqa: E402
-from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, wait_for_step  # noqa: E402
+from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, greedy_results_joining_at_distinct_steps  # noqa: E402
 
 #: logits: top two closer than this are a tie llama.cpp's rounding may break either way
 MARGIN = 1.0
@@ -69,19 +69,7 @@ async def idle(engine: GenerationEngine) -> None:
 
 async def test_greedy_rows_joining_at_different_steps_match_the_runtime_alone(llama, engine):
     expected = [await engine.call(alone, engine.encode(prompt), MAX_TOKENS) for prompt in PROMPTS]
-    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-    requests = []
-    for prompt in PROMPTS:
-        request = engine.submit(engine.encode(prompt), greedy, timeout=300)
-        requests.append(request)
-        async with asyncio.timeout(60):
-            while request.admitted_step is None:
-                await asyncio.sleep(0.005)
-        await wait_for_step(engine, request.admitted_step + 2)  # the next one joins a running batch
-    results = await asyncio.gather(*(request.result() for request in requests))
-    joined_at = [request.admitted_step for request in requests]
-    assert all(a < b for a, b in zip(joined_at, joined_at[1:])), joined_at
-    assert all(b - a < MAX_TOKENS for a, b in zip(joined_at, joined_at[1:])), joined_at
+    results = await greedy_results_joining_at_distinct_steps(engine)
     for prompt, result, (tokens, margins) in zip(PROMPTS, results, expected):
         assert_same_greedy(result.choices[0].token_ids, tokens, margins, prompt)
     await idle(engine)
