@@ -161,6 +161,13 @@ def test_autocomplete_gives_n_suggestions(client):
     assert len(suggestions) == 3 and all(isinstance(s, str) and s for s in suggestions)
 
 
+TUTORIAL = {  # the service-streamer tutorial's sentences, and their answers
+    "twinkle twinkle [MASK] star.": "little",
+    "the answer to life, the [MASK], and everything.": "universe",
+    "Happy birthday to [MASK].": "you",
+}
+
+
 def test_infill_fills_the_mask(client):
     response = client.post("/infill", json={"text": "twinkle twinkle [MASK] star."})
     assert response.status_code == 200, response.text
@@ -168,6 +175,27 @@ def test_infill_fills_the_mask(client):
     assert body["text"] == "twinkle twinkle little star."
     assert body["fills"][0]["fill"] == "little"
     assert body["fills"][0]["candidates"][0]["fill"] == "little"
+
+
+@pytest.mark.parametrize("text", list(TUTORIAL)[1:])
+def test_infill_gives_the_tutorials_answers(client, text):
+    response = client.post("/infill", json={"text": text})
+    assert response.status_code == 200, response.text
+    assert response.json()["fills"][0]["fill"] == TUTORIAL[text]
+
+
+def test_concurrent_infill_requests_each_get_the_answer_alone(client):
+    """Scored together (shared calls, a text two requests share scored once) and, with a seed,
+    proposed once for requests alike: each still gets its own text's answer; one without a
+    seed, and one with two masks, among them."""
+    bodies = [{"text": text} for text in TUTORIAL for _ in range(2)]
+    bodies += [{"text": "Happy birthday to [MASK].", "seed": None}, {"text": "twinkle twinkle [MASK] star. Happy birthday to [MASK]."}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: client.post("/infill", json=body), bodies))
+    assert all(reply.status_code == 200 for reply in replies), [reply.text for reply in replies]
+    for body, reply in zip(bodies[:7], replies):
+        assert reply.json()["fills"][0]["fill"] == TUTORIAL[body["text"]]
+    assert replies[-1].json()["text"] == "twinkle twinkle little star. Happy birthday to you."
 
 
 def test_metrics_count_generated_tokens(client):

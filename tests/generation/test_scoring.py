@@ -37,6 +37,17 @@ def test_scoring_shares_the_prefix_and_matches_each_text_scored_whole(lm, monkey
         scoring.text_logprobs(lm, texts, deadline=time.monotonic())
 
 
+def test_scoring_several_texts_candidates_in_one_call_matches_each_scored_whole(lm):
+    """Infill's merged calls: the candidates of three texts, interleaved, one text repeated."""
+    texts = []
+    for fill in (" little", " big", " bright"):
+        texts += [f"Twinkle twinkle{fill} star, how I wonder what you are.", f"Happy birthday to{fill} you.",
+                  f"The answer to life, the{fill} universe, and everything."]
+    texts.append(texts[0])
+    scores = scoring.text_logprobs(lm, texts)
+    assert scores == pytest.approx([whole_text_logprob(lm, text) for text in texts], abs=2e-3)
+
+
 def test_scoring_leaves_the_running_sequences_alone(lm):
     """Scoring is other work between two steps: the live sequences and their next logits stay."""
     lm.prefill([0], [lm.encode("The capital of France is")])

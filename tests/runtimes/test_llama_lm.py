@@ -251,6 +251,23 @@ def test_scoring_matches_each_sequence_scored_whole(lm, monkeypatch):
     assert all(lm.context.seq_length(slot) == 0 for slot in range(lm.max_sequences, lm.context.n_seq_max))
 
 
+def test_scoring_several_texts_candidates_in_one_call_matches_each_scored_whole(lm, monkeypatch):
+    """Infill's merged calls: the candidates of three texts, interleaved, with a text repeated;
+    each group's prefix on a prefix slot of its own, rests of different groups side by side."""
+    texts = []
+    for fill in (" little", " big", " bright"):
+        texts += [f"Twinkle twinkle{fill} star, how I wonder what you are.", f"Happy birthday to{fill} you.",
+                  f"The answer to life, the{fill} universe, and everything."]
+    texts.append(texts[0])
+    sequences = [lm.encode(text) for text in texts]
+    expected = [whole_logprob(lm, ids) for ids in sequences]
+    assert lm.score(sequences) == pytest.approx(expected, abs=1e-6)
+    monkeypatch.setattr(llama_lm, "PREFIX_SLOTS", 2)  # two prefixes held at a time: two rounds
+    monkeypatch.setattr(llama_lm, "SCORE_SLOTS", 2)
+    assert lm.score(sequences) == pytest.approx(expected, abs=1e-6)
+    assert all(lm.context.seq_length(slot) == 0 for slot in range(lm.max_sequences, lm.context.n_seq_max))
+
+
 def test_scoring_leaves_the_running_sequences_alone(lm):
     prompt = lm.encode(PROMPTS[0])
     lm.prefill([0], [prompt])

@@ -167,7 +167,9 @@ class CausalLM(ABC):
     @abstractmethod
     def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
         """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is
-        given).  Past ``deadline`` (``time.monotonic()``) no further pass runs: raises
+        given).  Sequences that begin alike (see :func:`prefix_groups`) run their shared
+        first tokens once, whatever their order; several texts' candidates may come in
+        one call.  Past ``deadline`` (``time.monotonic()``) no further pass runs: raises
         :class:`~batchserve.errors.DeadlineExceededError`.  Memory bounded whatever the
         number and length of the sequences.  The live sequences are left as they are (a
         runtime with sequence slots scores on slots of its own, from ``max_sequences`` up)."""
@@ -184,3 +186,44 @@ class CausalLM(ABC):
         """The prefix cache's counters (``hits``, ``misses``, ``reused_tokens``, ``evictions``)
         and contents (``entries``, ``tokens``, ``budget_tokens``); None: the runtime has none."""
         return None
+
+
+def prefix_groups(sequences: list[list[int]], min_shared: int) -> list[tuple[int, list[int]]]:
+    """``sequences``' indices in groups that run their first ``shared`` tokens once:
+    ``[(shared, indices), ...]``, every index in exactly one group.
+
+    In sorted order, neighbours share their first tokens; a run of sequences is one group
+    (sharing what all of them share) or is cut at its weakest link (where neighbours share
+    least) into two, whichever runs fewer tokens in all; a link under ``min_shared`` tokens
+    is always cut.  Candidate fills of one text form one group (their text before the mask),
+    those of another text another, and a sequence alone shares all of itself.
+    """
+    order = sorted(range(len(sequences)), key=lambda index: sequences[index])
+    links = [_common_length(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
+    lengths = [len(sequences[index]) for index in order]
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}  # (lo, hi) -> tokens run, groups
+    stack = [(0, len(order), False)] if order else []
+    while stack:  # runs order[lo:hi], children before parents
+        lo, hi, children_done = stack.pop()
+        if hi - lo == 1:
+            best[lo, hi] = (lengths[lo], [(lengths[lo], lo, hi)])
+            continue
+        weakest = min(links[lo : hi - 1])
+        cut = lo + links[lo : hi - 1].index(weakest) + 1
+        if not children_done:
+            stack += [(lo, hi, True), (lo, cut, False), (cut, hi, False)]
+            continue
+        left, right = best.pop((lo, cut)), best.pop((cut, hi))
+        split = (left[0] + right[0], left[1] + right[1])
+        whole = sum(lengths[lo:hi]) - (hi - lo - 1) * weakest
+        best[lo, hi] = split if weakest < min_shared or split[0] <= whole else (whole, [(weakest, lo, hi)])
+    groups = best[0, len(order)][1] if order else []
+    return [(shared, order[lo:hi]) for shared, lo, hi in groups]
+
+
+def _common_length(first: list[int], second: list[int]) -> int:
+    """How many first tokens ``first`` and ``second`` share."""
+    for position in range(min(len(first), len(second))):
+        if first[position] != second[position]:
+            return position
+    return min(len(first), len(second))

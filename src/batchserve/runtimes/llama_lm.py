@@ -5,7 +5,8 @@ holds one unified KV cache whose cells carry the sequences they belong to.  The 
 maps the engine's sequence ids onto llama.cpp's sequence slots:
 
 * ``0 .. max_sequences - 1``: the engine's sequences, one slot each (same number);
-* the next :data:`SCORE_SLOTS` + 1: scratch for :meth:`score` and :meth:`next_logits`
+* the next :data:`PREFIX_SLOTS` + :data:`SCORE_SLOTS`: scratch for :meth:`score` and
+  :meth:`next_logits`
   (emptied before they return);
 * the rest: the prefix cache's entries (:mod:`batchserve.runtimes.llama_prefix`).
 
@@ -36,7 +37,7 @@ import torch
 from transformers import AutoTokenizer  # noqa: F401
 
 from batchserve.errors import DeadlineExceededError
-from batchserve.runtimes.base import CausalLM
+from batchserve.runtimes.base import CausalLM, prefix_groups
 from batchserve.runtimes.llama_native import Context, KVCacheFullError, LlamaError, Model
 from batchserve.runtimes.llama_prefix import PrefixCache
 
@@ -44,8 +45,10 @@ log = logging.getLogger("batchserve.generation")
 
 #: most sequence slots llama.cpp allows (LLAMA_MAX_SEQ)
 MAX_SLOTS = 256
-#: scratch slots for scoring candidates side by side (one more holds their shared prefix)
+#: scratch slots for scoring sequences side by side, each on a copy of its group's shared prefix
 SCORE_SLOTS = 16
+#: scratch slots holding shared prefixes (of several texts' candidates) at once while those run
+PREFIX_SLOTS = 4
 #: KV cells set aside for scoring
 SCORE_TOKENS = 1024
 #: output rows (each a vocabulary of float32 logits) of one scoring pass: 25 MiB for SmolLM2
@@ -99,8 +102,8 @@ class LlamaCausalLM(CausalLM):
         self.threads = threads
         self.n_vocab = model.n_vocab
         self._stop_tokens = {token for token in (model.eos, tokenizer.eos_token_id) if isinstance(token, int) and token >= 0}
-        self._prefix_slot = max_sequences  # scoring's shared prefix, and next_logits
-        self._score_slots = list(range(max_sequences + 1, max_sequences + 1 + SCORE_SLOTS))
+        self._prefix_slots = list(range(max_sequences, max_sequences + PREFIX_SLOTS))  # the first: next_logits too
+        self._score_slots = list(range(max_sequences + PREFIX_SLOTS, max_sequences + PREFIX_SLOTS + SCORE_SLOTS))
         self._tokens: dict[int, list[int]] = {}  # live sequence -> its tokens in the KV cache (positions 0..)
 
     @classmethod
@@ -125,10 +128,10 @@ class LlamaCausalLM(CausalLM):
             raise ValueError(f"the llama.cpp runtime runs .gguf files, not {path}: use the torch runtime for it")
         cache_slots = 0
         if prefix_cache_tokens > 0:
-            cache_slots = min(max(max_sequences, 8), MAX_SLOTS - max_sequences - 1 - SCORE_SLOTS)
+            cache_slots = min(max(max_sequences, 8), MAX_SLOTS - max_sequences - PREFIX_SLOTS - SCORE_SLOTS)
         if max_sequences < 1 or cache_slots < (1 if prefix_cache_tokens > 0 else 0):
             raise ValueError(
-                f"the llama.cpp runtime runs 1 to {MAX_SLOTS - 2 - SCORE_SLOTS} sequences at once, not {max_sequences}"
+                f"the llama.cpp runtime runs 1 to {MAX_SLOTS - 1 - PREFIX_SLOTS - SCORE_SLOTS} sequences at once, not {max_sequences}"
             )
         gguf = Path(path) if path else bundled_gguf_path()
         threads = threads or cpu_count()
@@ -139,12 +142,12 @@ class LlamaCausalLM(CausalLM):
         try:
             _check_tokenizer(tokenizer, model, gguf)
             n_ctx, running = context_tokens(max_sequences, model.n_ctx_train, prefix_cache_tokens)
-            n_seq_max = max_sequences + 1 + SCORE_SLOTS + cache_slots
+            n_seq_max = max_sequences + PREFIX_SLOTS + SCORE_SLOTS + cache_slots
             context = Context(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=BATCH_TOKENS, threads=threads)
         except BaseException:
             model.close()
             raise
-        first_cache_slot = max_sequences + 1 + SCORE_SLOTS
+        first_cache_slot = max_sequences + PREFIX_SLOTS + SCORE_SLOTS
         prefix_cache = PrefixCache(
             list(range(first_cache_slot, first_cache_slot + cache_slots)), prefix_cache_tokens, MIN_PREFIX_TOKENS
         )
@@ -315,7 +318,7 @@ class LlamaCausalLM(CausalLM):
             return self.context.decode(tokens, positions, seq_ids, outputs)
 
     def _clear_scratch(self) -> None:
-        for slot in (self._prefix_slot, *self._score_slots):
+        for slot in (*self._prefix_slots, *self._score_slots):
             self.context.seq_rm(slot)
 
     # ---------------------------------------------------------------- scoring
@@ -323,45 +326,55 @@ class LlamaCausalLM(CausalLM):
     def next_logits(self, ids: list[int]) -> torch.Tensor:
         self._check_tokens(ids)
         try:
-            return torch.from_numpy(self._start([self._prefix_slot], [list(ids)])[0])
+            return torch.from_numpy(self._start(self._prefix_slots[:1], [list(ids)])[0])
         finally:
-            self.context.seq_rm(self._prefix_slot)
+            self.context.seq_rm(self._prefix_slots[0])
 
     def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
-        """The shared first tokens run once (on the prefix slot), then up to
-        :data:`SCORE_SLOTS` sequences' remaining tokens side by side on copies of it; passes
-        of at most :data:`SCORE_OUTPUTS` output rows, the deadline checked before each."""
+        """Sequences in groups by their first tokens (:func:`~batchserve.runtimes.base.prefix_groups`);
+        up to :data:`PREFIX_SLOTS` groups at a time: their shared prefixes run once each, on
+        prefix slots (passes shared), then up to :data:`SCORE_SLOTS` members' remaining tokens
+        side by side, each on a copy of its group's prefix (passes shared across groups).
+        Passes of at most :data:`SCORE_OUTPUTS` output rows, the deadline checked before each."""
         if not sequences:
             return []
         for ids in sequences:
             self._check_tokens(ids)
+        scores = [0.0] * len(sequences)
         try:
-            return self._score(sequences, deadline)
+            for groups in _rounds(prefix_groups(sequences, MIN_PREFIX_TOKENS), PREFIX_SLOTS, SCORE_TOKENS // 2):
+                self._score_round(sequences, groups, deadline, scores)
         finally:
             self._clear_scratch()
-
-    def _score(self, sequences: list[list[int]], deadline: float | None) -> list[float]:
-        shared = _common_prefix_length(sequences)
-        prefix = sequences[0][:shared]
-        prefix_score, after_prefix = 0.0, None
-        if shared:
-            totals, last = self._score_segments([(self._prefix_slot, 0, prefix)], deadline, keep_last=True)
-            prefix_score, after_prefix = totals[0], last[0]
-        scores: list[float] = []
-        for begin in range(0, len(sequences), SCORE_SLOTS):
-            group = sequences[begin : begin + SCORE_SLOTS]
-            segments = []
-            for slot, ids in zip(self._score_slots, group):
-                rest = ids[shared:]
-                if shared and rest:
-                    self.context.seq_cp(self._prefix_slot, slot)
-                segments.append((slot, shared, rest))
-            totals, _ = self._score_segments(segments, deadline, keep_last=False)
-            for (slot, _, rest), total in zip(segments, totals):
-                first = float(after_prefix[rest[0]]) if (after_prefix is not None and rest) else 0.0
-                scores.append(prefix_score + first + total)
-                self.context.seq_rm(slot)
         return scores
+
+    def _score_round(
+        self, sequences: list[list[int]], groups: list[tuple[int, list[int]]], deadline: float | None, scores: list[float]
+    ) -> None:
+        held = [(slot, shared, members) for slot, (shared, members) in zip(self._prefix_slots, groups) if shared]
+        totals, lasts = self._score_segments(
+            [(slot, 0, sequences[members[0]][:shared]) for slot, shared, members in held], deadline, keep_last=True
+        )
+        after = {slot: (shared, total, last) for (slot, shared, _), total, last in zip(held, totals, lasts)}
+        slot_of = {index: slot for slot, _, members in held for index in members}
+        pending = [index for _, members in groups for index in members]
+        for begin in range(0, len(pending), SCORE_SLOTS):
+            wave = pending[begin : begin + SCORE_SLOTS]
+            segments = []
+            for scratch, index in zip(self._score_slots, wave):
+                shared, _, _ = after.get(slot_of.get(index), (0, 0.0, None))
+                rest = sequences[index][shared:]
+                if shared and rest:
+                    self.context.seq_cp(slot_of[index], scratch)
+                segments.append((scratch, shared, rest))
+            wave_totals, _ = self._score_segments(segments, deadline, keep_last=False)
+            for index, (scratch, _, rest), total in zip(wave, segments, wave_totals):
+                _, prefix_total, last = after.get(slot_of.get(index), (0, 0.0, None))
+                first = float(last[rest[0]]) if (last is not None and rest) else 0.0
+                scores[index] = prefix_total + first + total
+                self.context.seq_rm(scratch)
+        for slot, _, _ in held:
+            self.context.seq_rm(slot)
 
     def _score_segments(
         self, segments: list[tuple[int, int, list[int]]], deadline: float | None, keep_last: bool
@@ -422,13 +435,17 @@ def _log_softmax_rows(logits: np.ndarray):
     return logprobs_of
 
 
-def _common_prefix_length(sequences: list[list[int]]) -> int:
-    shortest = min(len(ids) for ids in sequences)
-    for position in range(shortest):
-        token = sequences[0][position]
-        if any(ids[position] != token for ids in sequences):
-            return position
-    return shortest
+def _rounds(groups: list[tuple[int, list[int]]], most: int, tokens: int) -> list[list[tuple[int, list[int]]]]:
+    """Consecutive groups, at most ``most`` and ``tokens`` shared tokens at a time (at least one group)."""
+    rounds: list[list[tuple[int, list[int]]]] = []
+    held = 0
+    for group in groups:
+        if not rounds or len(rounds[-1]) >= most or held + group[0] > tokens:
+            rounds.append([])
+            held = 0
+        rounds[-1].append(group)
+        held += group[0]
+    return rounds
 
 
 def _check_tokenizer(tokenizer, model: Model, gguf: Path) -> None:

@@ -1,8 +1,9 @@
 """The torch runtime's scoring: the log-probability of each token sequence, all positions.
 
-Infill scores many candidate texts that differ only around a mask.  Their common first
-tokens (the text before the mask, often most of it) run through the model once; each
-candidate's remaining tokens then run on a copy of that shared KV cache.  The scores are
+Infill scores many candidate texts that differ only around a mask, often for several
+requests at once.  The common first tokens of each text's candidates (the text before the
+mask, often most of it) run through the model once; each candidate's remaining tokens then
+run on a copy of that shared KV cache.  The scores are
 those of running every text whole.
 
 Memory stays bounded whatever the length of the texts: tokens go through the model a
@@ -20,10 +21,13 @@ import torch
 from transformers import DynamicCache
 
 from batchserve.errors import DeadlineExceededError
+from batchserve.runtimes.base import prefix_groups
 
 LOGITS_BYTES = 2**26  # 64 MiB
 CACHE_COPY_BYTES = 2**26
 FLOAT_BYTES = 4
+#: fewest shared first tokens that sequences run once for all of them
+MIN_SHARED_TOKENS = 4
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,18 +36,21 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 def sequence_logprobs(model, encoded: list[list[int]], pad: int, deadline: float | None = None) -> list[float]:
     """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is given).
 
-    Past ``deadline`` (``time.monotonic()``) no further pass is run: the call raises
-    :class:`DeadlineExceededError`, and the model is free for other work.
+    Sequences go in groups by their first tokens (:func:`~batchserve.runtimes.base.prefix_groups`):
+    each group's shared prefix runs once, then its members' remaining tokens on copies of
+    that cache.  Past ``deadline`` (``time.monotonic()``) no further pass is run: the call
+    raises :class:`DeadlineExceededError`, and the model is free for other work.
     """
     scorer = _Scorer(model, pad, deadline)
-    shared = _common_prefix_length(encoded)
-    prefix_scores, after_prefix, layers = scorer.score([encoded[0][:shared]], None, [])
-    rests = [ids[shared:] for ids in encoded]
-    rows_per_group = scorer.rows_per_group(layers)
-    scores: list[float] = []
-    for start in range(0, len(rests), rows_per_group):
-        group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
-        scores += (group_scores + prefix_scores[0]).tolist()
+    scores = [0.0] * len(encoded)
+    for shared, members in prefix_groups(encoded, MIN_SHARED_TOKENS):
+        prefix_scores, after_prefix, layers = scorer.score([encoded[members[0]][:shared]], None, [])
+        rests = [encoded[index][shared:] for index in members]
+        rows_per_group = scorer.rows_per_group(layers)
+        for start in range(0, len(rests), rows_per_group):
+            group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
+            for index, score in zip(members[start : start + rows_per_group], (group_scores + prefix_scores[0]).tolist()):
+                scores[index] = score
     return scores
 
 
@@ -108,14 +115,6 @@ class _Scorer:
     def _check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise DeadlineExceededError("scoring did not finish before the request's deadline")
-
-
-def _common_prefix_length(encoded: list[list[int]]) -> int:
-    shortest = min(len(ids) for ids in encoded)
-    for position in range(shortest):
-        if any(ids[position] != encoded[0][position] for ids in encoded):
-            return position
-    return shortest
 
 
 def _right_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
