@@ -61,6 +61,22 @@ async def test_n_alternatives_share_one_prefill_and_seeds_repeat(engine):
     assert first.prompt_tokens == len(prompt)
 
 
+async def test_a_request_not_streamed_gets_one_event_per_choice_with_the_streamed_text(engine):
+    prompt = engine.encode("The three primary colours are")
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, stop=("blue",))
+    streamed = engine.submit(prompt, params, n=2, timeout=120)
+    deltas = [delta async for delta in streamed.stream()]
+    quiet = engine.submit(prompt, params, n=2, timeout=120, streamed=False)
+    events = [delta async for delta in quiet.stream()]
+    assert len(deltas) > 2 and len(events) == 2 and all(event.finish_reason for event in events)
+    for choice in (0, 1):
+        expected = [delta for delta in deltas if delta.index == choice]
+        (event,) = [event for event in events if event.index == choice]
+        assert event.text == "".join(delta.text for delta in expected)
+        assert event.token_ids == [token for delta in expected for token in delta.token_ids]
+        assert (event.finish_reason, event.tokens) == (expected[-1].finish_reason, expected[-1].tokens)
+
+
 async def test_per_row_parameters_in_one_batch(engine):
     prompt = engine.encode("The capital of France is")
     greedy = engine.submit(prompt, SamplingParams(max_tokens=6, temperature=0), timeout=120)

@@ -204,7 +204,7 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         header = response_header("chatcmpl", "chat.completion", served_model(body.model, engine.name, ROUTE))
         prompt = chat_prompt(engine, [message.for_template() for message in body.messages])
         max_tokens = completion_budget(len(prompt), body.asked_tokens(), context_size(engine))
-        generations = submit_all(engine, [prompt], body.sampling(max_tokens), body.n, timeout)
+        generations = submit_all(engine, [prompt], body.sampling(max_tokens), body.n, timeout, body.stream)
         if body.stream:
             return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations))
         completions = await results(request, generations)

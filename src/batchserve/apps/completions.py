@@ -64,7 +64,7 @@ def add_completions_route(router: APIRouter, host: GenerationHost, request_timeo
         engine = host.running_engine()
         header = response_header("cmpl", "text_completion", served_model(body.model, engine.name, ROUTE))
         prompts = [engine.encode(prompt) for prompt in body.prompts]
-        generations = submit_all(engine, prompts, body.sampling(body.max_tokens), body.n, timeout)
+        generations = submit_all(engine, prompts, body.sampling(body.max_tokens), body.n, timeout, body.stream)
         if body.stream:
             return sse_response(stream(header, body, generations))
         choices = []

@@ -59,7 +59,7 @@ def build_router(host: GenerationHost, settings: Settings) -> APIRouter:
             seed=body.seed,
             stop=tuple(body.stop),
         )
-        generation = engine.submit(context_ids, params, n=body.n, timeout=timeout)
+        generation = engine.submit(context_ids, params, n=body.n, timeout=timeout, streamed=False)
         completion = await cancel_on_disconnect(request, [generation], generation.result())
         return {
             "suggestions": [choice.text for choice in completion.choices],

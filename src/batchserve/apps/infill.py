@@ -102,7 +102,7 @@ async def propose(engine: GenerationEngine, context: str, seed: int | None, dead
     continuations of it (rows sharing one prefill); the rows are freed if this is cancelled."""
     sampled = engine.submit(
         engine.encode(context), SamplingParams(max_tokens=SPAN_TOKENS, temperature=0.9, top_k=40, seed=seed),
-        n=SAMPLES, timeout=seconds_left(deadline),
+        n=SAMPLES, timeout=seconds_left(deadline), streamed=False,
     )
     try:
         next_tokens = await before(deadline, engine.call(next_token_texts, context, NEXT_TOKENS))

@@ -109,13 +109,13 @@ def response_header(prefix: str, kind: str, model: str) -> dict[str, Any]:
 
 
 def submit_all(
-    engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, n: int, timeout: float
+    engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, n: int, timeout: float, streamed: bool
 ) -> list[GenerationRequest]:
     """One engine request per prompt; if one is refused, the ones already queued are withdrawn."""
     generations: list[GenerationRequest] = []
     try:
         for prompt_ids in prompts:
-            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout))
+            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout, streamed=streamed))
     except BaseException:
         for generation in generations:
             generation.cancel()

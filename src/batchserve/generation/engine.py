@@ -65,6 +65,7 @@ class Row:
     length: int  # tokens of this sequence so far (prompt + generated)
     generated: list[int] = field(default_factory=list)
     reported: int = 0  # generated tokens already sent in a delta
+    held: list[str] = field(default_factory=list)  # text not sent yet (a request not streamed)
     finish_reason: str | None = None
 
     @property
@@ -143,9 +144,10 @@ class GenerationEngine:
         return self.lm.encode(text)
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: float = 30.0
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: float = 30.0, streamed: bool = True
     ) -> GenerationRequest:
-        """Queue a request (call from the event loop); iterate its events or await ``result()``."""
+        """Queue a request (call from the event loop); iterate its events or await ``result()``
+        (``streamed=False``: a caller that only awaits the result gets one event per choice)."""
         self._check(prompt_ids, params, n)
         request = GenerationRequest(
             prompt_ids=list(prompt_ids),
@@ -153,6 +155,7 @@ class GenerationEngine:
             n=n,
             deadline=time.monotonic() + timeout,
             loop=asyncio.get_running_loop(),
+            streamed=streamed,
         )
         with self._wakeup:
             waiting_rows = sum(r.n for r in self._waiting)
@@ -358,7 +361,11 @@ class GenerationEngine:
                 text += released if stopped else released + row.stops.flush()
                 reason = "stop" if stopped else "length"
         row.finish_reason = reason
-        if text or reason:
+        if reason is None and not row.request.streamed:
+            row.held.append(text)  # sent with the last token
+        elif text or reason:
+            if row.held:
+                text, row.held = "".join(row.held) + text, []
             new_tokens, row.reported = row.generated[row.reported :], len(row.generated)
             row.request.emit(ChoiceDelta(row.choice, text, reason, len(row.generated), new_tokens))
 

@@ -57,6 +57,9 @@ class GenerationRequest:
     loop: asyncio.AbstractEventLoop
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
+    #: False: the caller awaits ``result()``, so each choice's text comes in one event when it
+    #: finishes (no wakeup of the event loop per token, whose work would stall the model's threads)
+    streamed: bool = True
     admitted_step: int | None = None  # the engine step at which the request joined the batch
     submitted: float = field(default_factory=time.monotonic)  # for the engine's time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
