@@ -69,3 +69,24 @@ def test_each_row_keeps_its_own_parameters_in_one_batch():
         assert tokens[2] in top3
     drawn_row2 = {sample(scores, params, [row_generator(None, 0)] * 3)[2] for _ in range(200)}
     assert len(drawn_row2) >= 2
+
+
+def test_the_whole_vocabulary_is_drawn_by_its_inverse_cdf_block_by_block():
+    """Without top-k/top-p the draw takes block sums, then one block's running sum: the token
+    a full running sum gives, for any uniform draw, across blocks and a short last block."""
+    import numpy as np
+
+    from batchserve.generation.sampling import BLOCK, _inverse_cdf
+
+    rng = np.random.default_rng(0)
+    weights = np.exp(rng.normal(size=2 * BLOCK + 37) * 3).astype(np.float32)
+    weights[BLOCK : BLOCK + 5] = 0.0  # zero weights are never drawn
+    full = np.cumsum(weights, dtype=np.float64)
+    for uniform in [0.0, 1e-12, *rng.random(2000), 1 - 1e-12]:
+        expected = min(int(np.searchsorted(full, uniform * full[-1], side="right")), len(weights) - 1)
+        assert _inverse_cdf(weights, float(uniform)) == expected
+    vocab = logits(1, seed=6)[0].repeat(60)  # 3000 tokens: several blocks
+    counts = np.bincount(draws(vocab, SamplingParams(temperature=1.0, seed=3), count=4000), minlength=len(vocab))
+    probs = vocab.softmax(-1).numpy()
+    best = int(probs.argmax())  # 60 copies of each of the 50 tokens: each copy drawn as often as its probability says
+    assert abs(counts[best] / 4000 - probs[best]) < 0.02
