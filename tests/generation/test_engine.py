@@ -77,6 +77,34 @@ async def test_a_request_not_streamed_gets_one_event_per_choice_with_the_streame
         assert (event.finish_reason, event.tokens) == (expected[-1].finish_reason, expected[-1].tokens)
 
 
+async def test_a_job_runs_a_step_at_a_time_while_the_batch_goes_on(engine):
+    """A call returning a generator (infill's scoring) gets one next() between two decode
+    steps: a running request keeps generating while it runs; its return value is the result."""
+    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=24, temperature=0), timeout=120)
+    await wait_for_step(engine, engine.steps + 2)
+    seen: list[int] = []
+
+    def job(lm, count):
+        for _ in range(count):
+            seen.append(engine.tokens_generated)
+            yield
+        return "done"
+
+    assert await engine.call(job, 5) == "done"
+    assert len(seen) == 5 and seen == sorted(set(seen)), seen  # a token decoded between every two
+    assert (await running.result()).choices[0].tokens == 24
+
+
+async def test_a_failing_job_fails_its_call_only(engine):
+    def job(lm):
+        yield
+        raise DeadlineExceededError("scoring did not finish before the request's deadline")
+
+    with pytest.raises(DeadlineExceededError):
+        await engine.call(job)
+    assert (await engine.submit(engine.encode("Hi"), SamplingParams(max_tokens=2), timeout=120).result()).choices
+
+
 async def test_per_row_parameters_in_one_batch(engine):
     prompt = engine.encode("The capital of France is")
     greedy = engine.submit(prompt, SamplingParams(max_tokens=6, temperature=0), timeout=120)

@@ -24,13 +24,14 @@ class FakeLM:
     def encode(self, text: str) -> list[int]:
         return [ord(char) for char in text]
 
-    def score(self, sequences, deadline=None):
+    def score_passes(self, sequences, deadline=None):
         self.calls.append(["".join(map(chr, ids)) for ids in sequences])
+        yield
         return [float(len(ids)) for ids in sequences]
 
 
 class FakeEngine:
-    """``call`` runs the function on a FakeLM once the test releases it (one call at a time)."""
+    """``call`` runs the job on a FakeLM once the test releases it (one call at a time)."""
 
     def __init__(self):
         self.lm = FakeLM()
@@ -44,7 +45,12 @@ class FakeEngine:
         self.deadlines.append(args[-1])
         if self.fail is not None:
             raise self.fail
-        return function(self.lm, *args)
+        job = function(self.lm, *args)  # a job, as the engine runs it: to its end
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value
 
 
 async def settle() -> None:

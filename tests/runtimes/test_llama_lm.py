@@ -268,6 +268,31 @@ def test_scoring_several_texts_candidates_in_one_call_matches_each_scored_whole(
     assert all(lm.context.seq_length(slot) == 0 for slot in range(lm.max_sequences, lm.context.n_seq_max))
 
 
+def test_a_scoring_job_paused_between_passes_is_untouched_by_the_calls_between(lm, monkeypatch):
+    """The engine runs other work between two passes of a scoring job: a prefill, a decode
+    step, next_logits (a slot of its own).  The job's scores are those of scoring alone."""
+    texts = [f"Happy birthday to{fill} you, happy birthday to you." for fill in (" little", " big", " dear")]
+    sequences = [lm.encode(text) for text in texts]
+    monkeypatch.setattr(llama_lm, "SCORE_OUTPUTS", 5)  # many passes
+    expected = lm.score(sequences)
+    job = lm.score_passes(sequences)
+    next(job)
+    prompt = lm.encode(PROMPTS[0])
+    lm.prefill([0], [prompt])
+    lm.next_logits(lm.encode("The capital of France is"))
+    next(job)
+    lm.decode([0], lm.encode(" Paris", add_special_tokens=False))
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(job)
+    assert done.value.value == expected
+    job = lm.score_passes(sequences)
+    next(job)
+    job.close()  # closed between passes: its slots are free
+    lm.release([0])
+    assert all(lm.context.seq_length(slot) == 0 for slot in range(lm.max_sequences, lm.max_sequences + llama_lm.SCRATCH_SLOTS))
+
+
 def test_scoring_leaves_the_running_sequences_alone(lm):
     prompt = lm.encode(PROMPTS[0])
     lm.prefill([0], [prompt])

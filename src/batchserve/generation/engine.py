@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import inspect
 import logging
 import threading
 import time
@@ -85,6 +86,7 @@ class GenerationEngine:
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._calls: collections.deque[tuple] = collections.deque()  # (function, future) to run between steps
+        self._jobs: collections.deque[tuple] = collections.deque()  # (generator, future): a call run a step at a time
         self._wakeup = threading.Condition()
         self._rows: list[Row] = []
         self._free_seqs: list[int] = []  # sequence ids released, reused smallest first
@@ -171,7 +173,10 @@ class GenerationEngine:
         """Run ``function(lm, *args)`` (``lm``: the runtime) in the engine thread between two steps.
 
         For other uses of the same model (scoring, say): they never run concurrently with
-        a decode step, so the model keeps one user and its cores.
+        a decode step, so the model keeps one user and its cores.  A function that returns
+        a generator is a *job*: the engine runs it a step at a time, one ``next()`` between
+        two decode steps (the running batch goes on while a long job runs), jobs one after
+        another, and the call's result is what the generator returns.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wakeup:
@@ -185,9 +190,28 @@ class GenerationEngine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(function())
+                result = function()
             except Exception as error:
                 future.set_exception(_released(error))
+                continue
+            if inspect.isgenerator(result):
+                self._jobs.append((result, future))
+            else:
+                future.set_result(result)
+
+    def _advance_job(self) -> None:
+        """One step of the oldest job."""
+        if not self._jobs:
+            return
+        job, future = self._jobs[0]
+        try:
+            next(job)
+        except StopIteration as done:
+            self._jobs.popleft()
+            future.set_result(done.value)
+        except Exception as error:
+            self._jobs.popleft()
+            future.set_exception(_released(error))
 
     def _check(self, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
         if not prompt_ids:
@@ -231,7 +255,7 @@ class GenerationEngine:
         self._fail_everything(RuntimeError("the generation engine stopped"))
 
     def _idle(self) -> bool:
-        return not self._waiting and not self._rows and not self._calls
+        return not self._waiting and not self._rows and not self._calls and not self._jobs
 
     # Giving freed memory back: once the engine idles after work, at most once a second.
 
@@ -252,6 +276,7 @@ class GenerationEngine:
 
     def _step(self) -> None:
         self._run_calls()
+        self._advance_job()
         self._drop_gone_rows()
         newcomers = self._admit()
         if newcomers:
@@ -410,6 +435,10 @@ class GenerationEngine:
             _, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
                 future.set_exception(error_for(error))
+        while self._jobs:
+            job, future = self._jobs.popleft()
+            job.close()  # its finally clauses free what it held
+            future.set_exception(error_for(error))
 
 
 def _released(error: BaseException) -> BaseException:

@@ -1,7 +1,8 @@
 """Scoring texts with the engine's causal LM (infill's candidates), through its runtime.
 
 ``text_logprobs`` and ``next_token_texts`` run in the engine thread between two steps
-(``engine.call``); the runtime does the passes (:meth:`~batchserve.runtimes.base.CausalLM.score`:
+(``engine.call``; ``text_logprob_passes`` a pass at a time, decode steps between); the
+runtime does the passes (:meth:`~batchserve.runtimes.base.CausalLM.score`:
 prefixes shared, memory bounded, the deadline checked between passes).
 
 :class:`ScoringQueue` merges the scoring of concurrent requests: while one call runs, the
@@ -30,6 +31,11 @@ MAX_CALL_TEXTS = 128
 def text_logprobs(lm: CausalLM, texts: list[str], deadline: float | None = None) -> list[float]:
     """Sum of ``log p(token | tokens before it)`` over each text's tokens (its first token is given)."""
     return lm.score([lm.encode(text) for text in texts], deadline)
+
+
+def text_logprob_passes(lm: CausalLM, texts: list[str], deadline: float | None = None):
+    """:func:`text_logprobs` as an engine job: a pass at a time, decode steps between."""
+    return lm.score_passes([lm.encode(text) for text in texts], deadline)
 
 
 def next_token_texts(lm: CausalLM, text: str, k: int) -> list[str]:
@@ -115,7 +121,7 @@ class ScoringQueue:
         self.texts += len(taken)
         self._running = taken
         deadline = max(entry.deadline for entry in taken.values())
-        self._call = asyncio.ensure_future(engine.call(text_logprobs, list(taken), deadline))
+        self._call = asyncio.ensure_future(engine.call(text_logprob_passes, list(taken), deadline))
         self._call.add_done_callback(self._finish)
 
     def _finish(self, call: asyncio.Future) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
 
@@ -164,15 +164,27 @@ class CausalLM(ABC):
 
     # ---------------------------------------------------------------- scoring
 
-    @abstractmethod
     def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
-        """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is
-        given).  Sequences that begin alike (see :func:`prefix_groups`) run their shared
+        """:meth:`score_passes` run to its end: the scores."""
+        passes = self.score_passes(sequences, deadline)
+        while True:
+            try:
+                next(passes)
+            except StopIteration as done:
+                return done.value
+
+    @abstractmethod
+    def score_passes(self, sequences: list[list[int]], deadline: float | None = None) -> Generator[None, None, list[float]]:
+        """A generator that yields after each pass and returns the scores: the sum of
+        ``log p(token | tokens before it)`` over each sequence (its first token is given).
+        Sequences that begin alike (see :func:`prefix_groups`) run their shared
         first tokens once, whatever their order; several texts' candidates may come in
         one call.  Past ``deadline`` (``time.monotonic()``) no further pass runs: raises
         :class:`~batchserve.errors.DeadlineExceededError`.  Memory bounded whatever the
         number and length of the sequences.  The live sequences are left as they are (a
-        runtime with sequence slots scores on slots of its own, from ``max_sequences`` up)."""
+        runtime with sequence slots scores on slots of its own, from ``max_sequences`` up).
+        Between two passes other calls may run (a decode step, :meth:`next_logits`), never
+        another scoring; closing the generator frees what it holds."""
 
     @abstractmethod
     def next_logits(self, ids: list[int]) -> "torch.Tensor":

@@ -5,8 +5,8 @@ holds one unified KV cache whose cells carry the sequences they belong to.  The 
 maps the engine's sequence ids onto llama.cpp's sequence slots:
 
 * ``0 .. max_sequences - 1``: the engine's sequences, one slot each (same number);
-* the next :data:`PREFIX_SLOTS` + :data:`SCORE_SLOTS`: scratch for :meth:`score` and
-  :meth:`next_logits`
+* the next :data:`SCRATCH_SLOTS`: one for :meth:`next_logits`, then :data:`PREFIX_SLOTS` and
+  :data:`SCORE_SLOTS` for scoring (a scoring job may pause between its passes, holding them)
   (emptied before they return);
 * the rest: the prefix cache's entries (:mod:`batchserve.runtimes.llama_prefix`).
 
@@ -49,10 +49,14 @@ MAX_SLOTS = 256
 SCORE_SLOTS = 16
 #: scratch slots holding shared prefixes (of several texts' candidates) at once while those run
 PREFIX_SLOTS = 4
+#: every scratch slot: next_logits's, the prefixes', the scored sequences'
+SCRATCH_SLOTS = 1 + PREFIX_SLOTS + SCORE_SLOTS
 #: KV cells set aside for scoring
 SCORE_TOKENS = 1024
-#: output rows (each a vocabulary of float32 logits) of one scoring pass: 25 MiB for SmolLM2
-SCORE_OUTPUTS = 128
+#: output rows (each a vocabulary of float32 logits) of one scoring pass, and its most tokens:
+#: one ubatch (as fast a token as bigger passes), about 0.25 s on two cores, the longest a
+#: scoring job holds the running batch up between two of its decode steps
+SCORE_OUTPUTS = 63
 #: KV cells per running sequence the context is sized for (at least one full context)
 TOKENS_PER_SEQUENCE = 256
 #: tokens of one llama_decode call (prefill is cut into passes of this many)
@@ -102,8 +106,9 @@ class LlamaCausalLM(CausalLM):
         self.threads = threads
         self.n_vocab = model.n_vocab
         self._stop_tokens = {token for token in (model.eos, tokenizer.eos_token_id) if isinstance(token, int) and token >= 0}
-        self._prefix_slots = list(range(max_sequences, max_sequences + PREFIX_SLOTS))  # the first: next_logits too
-        self._score_slots = list(range(max_sequences + PREFIX_SLOTS, max_sequences + PREFIX_SLOTS + SCORE_SLOTS))
+        self._next_slot = max_sequences
+        self._prefix_slots = list(range(max_sequences + 1, max_sequences + 1 + PREFIX_SLOTS))
+        self._score_slots = list(range(max_sequences + 1 + PREFIX_SLOTS, max_sequences + SCRATCH_SLOTS))
         self._tokens: dict[int, list[int]] = {}  # live sequence -> its tokens in the KV cache (positions 0..)
 
     @classmethod
@@ -128,10 +133,10 @@ class LlamaCausalLM(CausalLM):
             raise ValueError(f"the llama.cpp runtime runs .gguf files, not {path}: use the torch runtime for it")
         cache_slots = 0
         if prefix_cache_tokens > 0:
-            cache_slots = min(max(max_sequences, 8), MAX_SLOTS - max_sequences - PREFIX_SLOTS - SCORE_SLOTS)
+            cache_slots = min(max(max_sequences, 8), MAX_SLOTS - max_sequences - SCRATCH_SLOTS)
         if max_sequences < 1 or cache_slots < (1 if prefix_cache_tokens > 0 else 0):
             raise ValueError(
-                f"the llama.cpp runtime runs 1 to {MAX_SLOTS - 1 - PREFIX_SLOTS - SCORE_SLOTS} sequences at once, not {max_sequences}"
+                f"the llama.cpp runtime runs 1 to {MAX_SLOTS - 1 - SCRATCH_SLOTS} sequences at once, not {max_sequences}"
             )
         gguf = Path(path) if path else bundled_gguf_path()
         threads = threads or cpu_count()
@@ -142,12 +147,12 @@ class LlamaCausalLM(CausalLM):
         try:
             _check_tokenizer(tokenizer, model, gguf)
             n_ctx, running = context_tokens(max_sequences, model.n_ctx_train, prefix_cache_tokens)
-            n_seq_max = max_sequences + PREFIX_SLOTS + SCORE_SLOTS + cache_slots
+            n_seq_max = max_sequences + SCRATCH_SLOTS + cache_slots
             context = Context(model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=BATCH_TOKENS, threads=threads)
         except BaseException:
             model.close()
             raise
-        first_cache_slot = max_sequences + PREFIX_SLOTS + SCORE_SLOTS
+        first_cache_slot = max_sequences + SCRATCH_SLOTS
         prefix_cache = PrefixCache(
             list(range(first_cache_slot, first_cache_slot + cache_slots)), prefix_cache_tokens, MIN_PREFIX_TOKENS
         )
@@ -318,7 +323,7 @@ class LlamaCausalLM(CausalLM):
             return self.context.decode(tokens, positions, seq_ids, outputs)
 
     def _clear_scratch(self) -> None:
-        for slot in (*self._prefix_slots, *self._score_slots):
+        for slot in (self._next_slot, *self._prefix_slots, *self._score_slots):
             self.context.seq_rm(slot)
 
     # ---------------------------------------------------------------- scoring
@@ -326,33 +331,32 @@ class LlamaCausalLM(CausalLM):
     def next_logits(self, ids: list[int]) -> torch.Tensor:
         self._check_tokens(ids)
         try:
-            return torch.from_numpy(self._start(self._prefix_slots[:1], [list(ids)])[0])
+            return torch.from_numpy(self._start([self._next_slot], [list(ids)])[0])
         finally:
-            self.context.seq_rm(self._prefix_slots[0])
+            self.context.seq_rm(self._next_slot)
 
-    def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
+    def score_passes(self, sequences: list[list[int]], deadline: float | None = None):
         """Sequences in groups by their first tokens (:func:`~batchserve.runtimes.base.prefix_groups`);
         up to :data:`PREFIX_SLOTS` groups at a time: their shared prefixes run once each, on
         prefix slots (passes shared), then up to :data:`SCORE_SLOTS` members' remaining tokens
         side by side, each on a copy of its group's prefix (passes shared across groups).
         Passes of at most :data:`SCORE_OUTPUTS` output rows, the deadline checked before each."""
-        if not sequences:
-            return []
         for ids in sequences:
             self._check_tokens(ids)
         scores = [0.0] * len(sequences)
         try:
             for groups in _rounds(prefix_groups(sequences, MIN_PREFIX_TOKENS), PREFIX_SLOTS, SCORE_TOKENS // 2):
-                self._score_round(sequences, groups, deadline, scores)
-        finally:
-            self._clear_scratch()
+                yield from self._score_round(sequences, groups, deadline, scores)
+        finally:  # also when the job is closed between two passes
+            for slot in (*self._prefix_slots, *self._score_slots):
+                self.context.seq_rm(slot)
         return scores
 
     def _score_round(
         self, sequences: list[list[int]], groups: list[tuple[int, list[int]]], deadline: float | None, scores: list[float]
     ) -> None:
         held = [(slot, shared, members) for slot, (shared, members) in zip(self._prefix_slots, groups) if shared]
-        totals, lasts = self._score_segments(
+        totals, lasts = yield from self._score_segments(
             [(slot, 0, sequences[members[0]][:shared]) for slot, shared, members in held], deadline, keep_last=True
         )
         after = {slot: (shared, total, last) for (slot, shared, _), total, last in zip(held, totals, lasts)}
@@ -367,7 +371,7 @@ class LlamaCausalLM(CausalLM):
                 if shared and rest:
                     self.context.seq_cp(slot_of[index], scratch)
                 segments.append((scratch, shared, rest))
-            wave_totals, _ = self._score_segments(segments, deadline, keep_last=False)
+            wave_totals, _ = yield from self._score_segments(segments, deadline, keep_last=False)
             for index, (scratch, _, rest), total in zip(wave, segments, wave_totals):
                 _, prefix_total, last = after.get(slot_of.get(index), (0, 0.0, None))
                 first = float(last[rest[0]]) if (last is not None and rest) else 0.0
@@ -376,12 +380,10 @@ class LlamaCausalLM(CausalLM):
         for slot, _, _ in held:
             self.context.seq_rm(slot)
 
-    def _score_segments(
-        self, segments: list[tuple[int, int, list[int]]], deadline: float | None, keep_last: bool
-    ) -> tuple[list[float], list[np.ndarray | None]]:
-        """Run each ``(slot, first position, tokens)``; per segment, the summed log-probability
-        of each of its tokens after the first given the ones before, and (``keep_last``) the
-        log-probabilities after its last token."""
+    def _score_segments(self, segments: list[tuple[int, int, list[int]]], deadline: float | None, keep_last: bool):
+        """Run each ``(slot, first position, tokens)``, yielding after each pass; returns, per
+        segment, the summed log-probability of each of its tokens after the first given the
+        ones before, and (``keep_last``) the log-probabilities after its last token."""
         tokens, positions, owners, outputs, which, targets = [], [], [], [], [], []
         for index, (slot, start, ids) in enumerate(segments):
             for offset, token in enumerate(ids):
@@ -398,7 +400,7 @@ class LlamaCausalLM(CausalLM):
         begin, output_index = 0, 0
         while begin < len(tokens):
             end, rows = begin, 0
-            while end < len(tokens) and end - begin < BATCH_TOKENS and rows + outputs[end] <= SCORE_OUTPUTS:
+            while end < len(tokens) and end - begin < SCORE_OUTPUTS and rows + outputs[end] <= SCORE_OUTPUTS:
                 rows += outputs[end]
                 end += 1
             if deadline is not None and time.monotonic() >= deadline:
@@ -415,6 +417,7 @@ class LlamaCausalLM(CausalLM):
                         last[index] = logprobs_of(row, None)
                 output_index += count
             begin = end
+            yield  # a pass done: the engine may run a decode step before the next
         return totals, last
 
     def close(self) -> None:

@@ -163,7 +163,7 @@ class TorchCausalLM(CausalLM):
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, sequences: list[list[int]], deadline: float | None = None) -> list[float]:
+    def score_passes(self, sequences: list[list[int]], deadline: float | None = None):
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         return sequence_logprobs(self.model, sequences, pad, deadline)
 

@@ -32,9 +32,9 @@ MIN_SHARED_TOKENS = 4
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-@torch.inference_mode()
-def sequence_logprobs(model, encoded: list[list[int]], pad: int, deadline: float | None = None) -> list[float]:
-    """Sum of ``log p(token | tokens before it)`` over each sequence (its first token is given).
+def sequence_logprobs(model, encoded: list[list[int]], pad: int, deadline: float | None = None):
+    """A generator yielding after each pass, returning the sum of ``log p(token | tokens
+    before it)`` over each sequence (its first token is given).
 
     Sequences go in groups by their first tokens (:func:`~batchserve.runtimes.base.prefix_groups`):
     each group's shared prefix runs once, then its members' remaining tokens on copies of
@@ -44,13 +44,17 @@ def sequence_logprobs(model, encoded: list[list[int]], pad: int, deadline: float
     scorer = _Scorer(model, pad, deadline)
     scores = [0.0] * len(encoded)
     for shared, members in prefix_groups(encoded, MIN_SHARED_TOKENS):
-        prefix_scores, after_prefix, layers = scorer.score([encoded[members[0]][:shared]], None, [])
+        with torch.inference_mode():  # per pass: a generator's frames leave and come back
+            prefix_scores, after_prefix, layers = scorer.score([encoded[members[0]][:shared]], None, [])
+        yield
         rests = [encoded[index][shared:] for index in members]
         rows_per_group = scorer.rows_per_group(layers)
         for start in range(0, len(rests), rows_per_group):
-            group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
+            with torch.inference_mode():
+                group_scores, _, _ = scorer.score(rests[start : start + rows_per_group], after_prefix, layers)
             for index, score in zip(members[start : start + rows_per_group], (group_scores + prefix_scores[0]).tolist()):
                 scores[index] = score
+            yield
     return scores
 
 
