@@ -64,6 +64,11 @@ bench-process: venv
 bench-generation: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_generation.py
 
+# infill: 16 clients against one on the tutorial's sentences, and on distinct sentences (issue 12)
+.PHONY: bench-infill
+bench-infill: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_infill.py
+
 # batchserve's generation app against llama.cpp's own llama-server, same GGUF, in one run (issue 12);
 # never part of `make test`. LLAMA_SERVER: a llama-server binary; without it, one is built once into
 # benchmarks/out/llama.cpp-build from the llama.cpp that llama-cpp-python vendors (about 16 min CPU)

@@ -37,6 +37,11 @@ TUTORIAL = {
     "Happy birthday to [MASK].": "you",
 }
 SPEEDUP_TARGET = 4.0
+HOW = (
+    "shared between concurrent requests while in flight, nothing kept between requests: candidate texts scored in "
+    "one engine job for every request waiting (each distinct text once), proposals made once for requests with the "
+    "same text before the mask and the same seed; distinct sentences share only the passes"
+)
 
 
 async def answers(client: httpx.AsyncClient) -> dict[str, str]:
@@ -135,11 +140,12 @@ def main() -> None:
     section = "\n".join([
         f"## Infill: {args.clients} clients against one, /infill — {now_utc()}",
         "",
-        f"- command: `{' '.join(['python benchmarks/bench_infill.py', *sys.argv[1:]])}`",
+        f"- command: `{' '.join(['python benchmarks/bench_infill.py', *sys.argv[1:]])}` (`make bench-infill`)",
         f"- machine: {machine()}; {load_average.line()}",
         f"- server: `batchserve serve --app infill --generation-runtime {args.runtime} --generation-threads "
         f"{args.threads}` (SmolLM2-135M-Instruct on the {engine.get('runtime')} runtime, {engine.get('precision')}); "
         f"closed loops of {args.duration:g} s, seed 0 (the default)",
+        f"- {HOW}",
         "",
         markdown_table(["what", "figure", "ratio", "target"], rows),
     ])
