@@ -95,6 +95,22 @@ async def test_a_job_runs_a_step_at_a_time_while_the_batch_goes_on(engine):
     assert (await running.result()).choices[0].tokens == 24
 
 
+async def test_many_queued_calls_take_turns_with_decode_steps(engine):
+    """A burst of calls (each longer than the engine's calls budget) does not hold the
+    running batch up: a decode step runs between them."""
+    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=24, temperature=0), timeout=120)
+    await wait_for_step(engine, engine.steps + 2)
+    seen: list[int] = []
+
+    def slow(lm):
+        time.sleep(0.06)
+        seen.append(engine.tokens_generated)
+
+    await asyncio.gather(*(engine.call(slow) for _ in range(4)))
+    assert seen == sorted(set(seen)), seen
+    await running.result()
+
+
 async def test_a_failing_job_fails_its_call_only(engine):
     def job(lm):
         yield

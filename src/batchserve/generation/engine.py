@@ -43,6 +43,8 @@ log = logging.getLogger("batchserve.generation")
 
 #: seconds between two returns of freed heap memory to the system (when the engine idles)
 RELEASE_EVERY = 1.0
+#: seconds of queued calls run between two decode steps (at least one call)
+CALLS_SECONDS = 0.05
 
 
 @dataclass
@@ -185,7 +187,10 @@ class GenerationEngine:
         return await asyncio.wrap_future(future)
 
     def _run_calls(self) -> None:
-        while self._calls:
+        """Queued calls, oldest first, until :data:`CALLS_SECONDS` have passed (at least one):
+        many calls queued at once (a burst of infill requests) take turns with decode steps."""
+        started = time.monotonic()
+        while self._calls and (time.monotonic() - started < CALLS_SECONDS or not self._rows):
             function, future = self._calls.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
