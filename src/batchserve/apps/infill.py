@@ -4,12 +4,12 @@ With the bundled causal LM, each mask is filled by *propose, then rescore*: the 
 are the most probable next words after the text before the mask, plus the first one to
 three words of short sampled continuations (``n`` rows sharing one prefill); the candidate
 that makes the sentence most probable wins (scored from a line break, so the first word
-counts too, up to :data:`SUFFIX_WORDS` words after the mask).  Masks are filled left to right.  The candidates of
-concurrent requests are scored together (:class:`~batchserve.generation.scoring.ScoringQueue`:
-shared passes, each text's prefix run once, a text two requests share scored once), and
-concurrent requests with the same text before the mask and the same seed share one set of
-proposals (:class:`~batchserve.aio.SharedWork`).  The
-model and engine are the generation app's.
+counts too, up to :data:`SUFFIX_WORDS` words after the mask).  Masks are filled left to
+right.  The candidates of concurrent requests are scored together
+(:class:`~batchserve.generation.scoring.ScoringQueue`: shared passes, each text's prefix run
+once, a text two requests share scored once), and concurrent requests with the same text
+before the mask and the same seed share one set of proposals
+(:class:`~batchserve.aio.SharedWork`).  The model and engine are the generation app's.
 """
 
 from __future__ import annotations
