@@ -12,7 +12,10 @@ What it sets (see ``batchserve/server/gunicorn_config.py`` for the reasons):
 ``wsgi_app``                ``batchserve.server.app:create_preloaded_app()``
 ``preload_app = True``      the master loads the models once; workers share them by fork
 ``when_ready``/``pre_fork`` ``gc.collect()`` + ``gc.freeze()`` before forking
-``worker_class``            ``uvicorn_worker.UvicornWorker`` (uvloop, httptools)
+``worker_class``            ``ServingWorker`` (uvicorn's worker; exits with the boot error
+                            when its services cannot start, so the master halts)
+``on_starting``             the master halts once: another worker's boot error while it
+                            halts is reaped quietly (gunicorn would raise it, exit 1)
 ``timeout = 300``           long enough for a worker to start its models
 ``max_requests``            10 000 with a jitter of 1 000: workers recycle one at a time
 ``post_fork``               torch threads per worker = cores // workers

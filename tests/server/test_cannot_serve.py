@@ -80,3 +80,32 @@ def test_cpu_devices_are_checked_without_importing_torch():
     check = "import sys; from batchserve.devices import check_devices; print(check_devices(['cpu']), 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["['cpu']", "False"], result.stderr
+
+
+def test_a_second_boot_error_while_the_master_halts_is_reaped_quietly():
+    """gunicorn's master halts on a worker's boot error; if another worker exits with one while
+    it halts (reaped inside halt's stop()), gunicorn would raise its HaltServer out of halt: a
+    traceback and exit status 1.  The config's on_starting hook reaps it quietly instead."""
+    from gunicorn.errors import HaltServer
+
+    from batchserve.server.gunicorn_config import on_starting
+
+    class Master:  # the part of gunicorn's Arbiter the hook wraps
+        def __init__(self):
+            self.boot_errors, self.exit_status = 2, None
+
+        def reap_workers(self):
+            if self.boot_errors:
+                self.boot_errors -= 1
+                raise HaltServer("Worker failed to boot.", 3)
+
+        def halt(self, reason=None, exit_status=0):
+            self.reap_workers()  # as gunicorn's stop() does, waiting for the other workers
+            self.exit_status = exit_status
+
+    master = Master()
+    on_starting(master)
+    with pytest.raises(HaltServer):  # the first one: the main loop catches it and halts
+        master.reap_workers()
+    master.halt("Worker failed to boot.", 3)
+    assert master.exit_status == 3 and master.boot_errors == 0

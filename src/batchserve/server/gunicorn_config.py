@@ -10,6 +10,11 @@ The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes 
 * ``timeout`` is long enough for a worker's own start-up (a process backend loads its
   models then); ``max_requests`` with jitter recycles workers one at a time.
 * Each HTTP worker gets ``cores // N`` torch threads for the models it runs itself.
+* A worker whose services cannot start exits with gunicorn's boot error and the master
+  halts with status 3; when another worker fails the same way while the master is already
+  halting (they load the same models, so they often fail together), gunicorn would raise
+  its ``HaltServer`` out of ``halt()`` (a traceback, exit status 1): :func:`on_starting`
+  has the master reap such a worker quietly instead.
 
 ``deploy/gunicorn.conf.py`` imports this module; copy and change it for your deployment.
 """
@@ -17,6 +22,8 @@ The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes 
 from __future__ import annotations
 
 import gc
+
+from gunicorn.errors import HaltServer
 
 from batchserve.devices import set_torch_threads, threads_per_worker
 from batchserve.settings import Settings
@@ -37,6 +44,27 @@ max_requests_jitter = 1_000  # ...plus up to this many, so they do not all resta
 loglevel = _server.log_level.value
 accesslog = None
 control_socket_disable = True  # gunicorn 25+: no shared control socket in $HOME (several servers may run)
+
+
+def on_starting(server) -> None:
+    """In the master, first: once it halts, a worker exiting with a boot error is reaped
+    like any other (the master is stopping already, with the first one's status)."""
+    halt, reap_workers = server.halt, server.reap_workers
+    halting: list[int] = []
+
+    def halting_halt(reason=None, exit_status=0):
+        halting.append(exit_status)
+        halt(reason, exit_status)
+
+    def quiet_reap_workers():
+        while True:
+            try:
+                return reap_workers()
+            except HaltServer:
+                if not halting:
+                    raise  # the first failure: the master halts with its status
+
+    server.halt, server.reap_workers = halting_halt, quiet_reap_workers
 
 
 def when_ready(server) -> None:
