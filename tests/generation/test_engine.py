@@ -80,7 +80,7 @@ async def test_a_request_not_streamed_gets_one_event_per_choice_with_the_streame
 async def test_a_job_runs_a_step_at_a_time_while_the_batch_goes_on(engine):
     """A call returning a generator (infill's scoring) gets one next() between two decode
     steps: a running request keeps generating while it runs; its return value is the result."""
-    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=24, temperature=0), timeout=120)
+    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=48, temperature=0, ignore_eos=True), timeout=120)
     await wait_for_step(engine, engine.steps + 2)
     seen: list[int] = []
 
@@ -92,13 +92,13 @@ async def test_a_job_runs_a_step_at_a_time_while_the_batch_goes_on(engine):
 
     assert await engine.call(job, 5) == "done"
     assert len(seen) == 5 and seen == sorted(set(seen)), seen  # a token decoded between every two
-    assert (await running.result()).choices[0].tokens == 24
+    assert (await running.result()).choices[0].tokens == 48
 
 
 async def test_many_queued_calls_take_turns_with_decode_steps(engine):
     """A burst of calls (each longer than the engine's calls budget) does not hold the
     running batch up: a decode step runs between them."""
-    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=24, temperature=0), timeout=120)
+    running = engine.submit(engine.encode("Count slowly:"), SamplingParams(max_tokens=48, temperature=0, ignore_eos=True), timeout=120)
     await wait_for_step(engine, engine.steps + 2)
     seen: list[int] = []
 
