@@ -111,6 +111,28 @@ async def test_many_queued_calls_take_turns_with_decode_steps(engine):
     await running.result()
 
 
+async def test_rows_past_their_deadline_do_not_count_against_the_token_bound(lm):
+    """A request whose deadline has passed is going (its rows are dropped before the next
+    admission): a request sent right after its 504 is not refused as overloaded meanwhile."""
+    engine = GenerationEngine(lm, EngineLimits(max_rows=4, max_kv_tokens=400))
+    engine.start()
+    try:
+        prompt = engine.encode("Count slowly:")
+        params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+        first = engine.submit(prompt, params, timeout=0.5)
+        await wait_for_step(engine, 2)
+        held = asyncio.ensure_future(engine.call(lambda lm: time.sleep(1.0)))  # no step (no drop) for a second
+        with pytest.raises(DeadlineExceededError):
+            await first.result()
+        second = engine.submit(prompt, params, timeout=60)  # accepted: the expired rows are going
+        with pytest.raises(OverloadedError):  # a live request's rows do count
+            engine.submit(prompt, params, timeout=60)
+        second.cancel()
+        await held
+    finally:
+        engine.stop()
+
+
 async def test_a_failing_job_fails_its_call_only(engine):
     def job(lm):
         yield

@@ -233,8 +233,15 @@ class GenerationEngine:
             raise InputError(f"the request needs {needed} KV-cache tokens; the server allows {self.limits.max_kv_tokens}")
 
     def _kv_tokens_in_flight(self) -> int:
-        running = sum(len(row.request.prompt_ids) + row.request.params.max_tokens for row in self._rows)
-        return running + sum(r.kv_tokens for r in self._waiting)
+        """KV-cache tokens the requests still wanted may take: rows of a cancelled or expired
+        request are going (dropped before the next admission), so they do not count."""
+        now = time.monotonic()
+        running = sum(
+            len(row.request.prompt_ids) + row.request.params.max_tokens
+            for row in list(self._rows)
+            if not (row.request.cancelled or row.request.expired(now))
+        )
+        return running + sum(r.kv_tokens for r in self._waiting if not (r.cancelled or r.expired(now)))
 
     # ------------------------------------------------------------------ engine thread
 
