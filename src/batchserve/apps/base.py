@@ -95,7 +95,7 @@ def deadline_dependency(settings: Settings):
     """A FastAPI dependency reading the per-request deadline header (seconds).
 
     The function it returns also carries ``from_header = (header name, parse)``, so that a
-    :class:`~batchserve.apps.json_route.JSONBodyRoute` reads the header without FastAPI's
+    :class:`~batchserve.server.json_route.JSONBodyRoute` reads the header without FastAPI's
     dependency solving (the same parse, the same errors)."""
     default, limit = settings.batching.timeout, settings.batching.max_timeout
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from batchserve.apps.llm import GenerationHost
-from batchserve.apps.openai import MODEL_NOT_FOUND, served_model
+from batchserve.apps.openai import served_model
 from batchserve.apps.textgen import (
     MAX_TOKENS,
     SamplingFields,
@@ -38,6 +38,7 @@ from batchserve.apps.textgen import (
 )
 from batchserve.errors import ContextLengthError, InputError
 from batchserve.generation import GenerationEngine
+from batchserve.server.openai_errors import MODEL_NOT_FOUND
 
 ROUTE = "/v1/chat/completions"
 MAX_MESSAGES = 1024

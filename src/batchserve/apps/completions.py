@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field, field_validator
 
 from batchserve.apps.llm import GenerationHost
-from batchserve.apps.openai import MODEL_NOT_FOUND, served_model, texts_of
+from batchserve.apps.openai import served_model, texts_of
 from batchserve.apps.textgen import (
     MAX_TOKENS,
     SamplingFields,
@@ -26,6 +26,7 @@ from batchserve.apps.textgen import (
     submit_all,
     total_usage,
 )
+from batchserve.server.openai_errors import MODEL_NOT_FOUND
 
 ROUTE = "/v1/completions"
 MAX_PROMPTS = 32

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
-from batchserve.apps.json_route import JSONBodyRoute
-from batchserve.apps.openai import ErrorBody
 from batchserve.batching import Batcher
 from batchserve.model import ModelSpec, as_model, import_object, model_name
-from batchserve.apps.responses import FastJSONResponse
+from batchserve.server.json_response import FastJSONResponse
+from batchserve.server.json_route import JSONBodyRoute
+from batchserve.server.openai_errors import ErrorBody
 from batchserve.settings import Settings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -15,14 +15,15 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field, field_validator
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
-from batchserve.apps.json_route import JSONBodyRoute
-from batchserve.apps.openai import MODEL_NOT_FOUND, served_model, texts_of, usage
-from batchserve.apps.responses import FastJSONResponse
+from batchserve.apps.openai import served_model, texts_of, usage
 from batchserve.batching import Batcher
 from batchserve.devices import gpu_count, torch_device
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
 from batchserve.runtimes import EncoderRuntime, encoder_class
+from batchserve.server.json_response import FastJSONResponse
+from batchserve.server.json_route import JSONBodyRoute
+from batchserve.server.openai_errors import MODEL_NOT_FOUND
 from batchserve.settings import Settings
 
 MODEL_NAME = "all-MiniLM-L6-v2"

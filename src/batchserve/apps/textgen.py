@@ -24,10 +24,11 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from batchserve.apps.llm import cancel_on_disconnect
-from batchserve.apps.openai import error_body, texts_of, usage
-from batchserve.apps.responses import dumps
+from batchserve.apps.openai import texts_of, usage
 from batchserve.errors import BatchserveError
 from batchserve.generation import ChoiceDelta, Completion, GenerationEngine, GenerationRequest, SamplingParams
+from batchserve.server.json_response import dumps
+from batchserve.server.openai_errors import error_body
 
 MAX_N = 16
 MAX_TOKENS = 4096

@@ -26,9 +26,9 @@ from batchserve.apps import build_services
 from batchserve.apps.base import Service
 from batchserve.server import dashboard, model_list
 from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
+from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.limits import BodyLimitMiddleware
 from batchserve.server.metrics import Metrics, RequestMetricsMiddleware
-from batchserve.apps.responses import FastJSONResponse
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.server")

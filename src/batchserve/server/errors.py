@@ -4,7 +4,7 @@
 (with ``Retry-After``), 504 deadline, 500 model error (the message, never a traceback).
 
 ``/v1/*`` routes answer in OpenAI's shape, ``{"error": {"message", "type", "param",
-"code"}}`` (:func:`batchserve.apps.openai.error_body`: ``type`` is OpenAI's
+"code"}}`` (:func:`batchserve.server.openai_errors.error_body`: ``type`` is OpenAI's
 ``invalid_request_error`` / ``server_error``, ``code`` batchserve's kind), so OpenAI's clients
 raise their typed errors; every other route answers ``{"error": {"message", "type"}}`` with
 ``type`` batchserve's kind.
@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from batchserve.apps.openai import ErrorBody, error_body, is_openai_path
-from batchserve.apps.responses import FastJSONResponse
 from batchserve.errors import BatchserveError, ClientDisconnectedError, NotReadyError, OverloadedError
+from batchserve.server.json_response import FastJSONResponse
+from batchserve.server.openai_errors import ErrorBody, error_body, is_openai_path
 
 log = logging.getLogger("batchserve.server")
 

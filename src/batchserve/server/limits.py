@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchserve.apps.responses import dumps
+from batchserve.server.json_response import dumps
 from batchserve.server.errors import error_content
 
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from batchserve.apps.base import Service
-from batchserve.apps.openai import MODEL_NOT_FOUND
+from batchserve.server.openai_errors import MODEL_NOT_FOUND
 from batchserve.errors import ModelNotFoundError
 
 OWNER = "batchserve"

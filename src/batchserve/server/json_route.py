@@ -16,6 +16,7 @@ handlers are FastAPI's too.  An endpoint of another shape is left to FastAPI ent
 
 The endpoint must return a :class:`~starlette.responses.Response`; routes of this class must
 be included without router-level dependencies (they would not run on the fast path).
+HTTP plumbing: the apps' routes use it, so it imports nothing of the app (:mod:`batchserve.server.app`).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, FastAPI
 from pydantic import BaseModel, Field
 
 from batchserve.apps.base import deadline_dependency
-from batchserve.apps.json_route import JSONBodyRoute, _plan
-from batchserve.apps.responses import FastJSONResponse
 from batchserve.server.errors import install_error_handlers
+from batchserve.server.json_response import FastJSONResponse
+from batchserve.server.json_route import JSONBodyRoute, _plan
 from batchserve.settings import Settings
 
 
