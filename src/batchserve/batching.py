@@ -44,7 +44,6 @@ import concurrent.futures
 import logging
 import math
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,8 +61,11 @@ from batchserve.errors import (
 
 log = logging.getLogger("batchserve.batching")
 
-#: batchers running on a loop thread of their own: stopped at exit unless stopped before
-_on_private_loops: weakref.WeakSet = weakref.WeakSet()
+#: batchers running on a loop thread of their own: stopped at exit unless stopped before.
+#: Held strongly: a batcher its caller dropped still runs there (its loop, tasks and model
+#: live on), and a weak reference let the collector destroy its pending dispatcher task
+#: ("Task was destroyed but it is pending!") with nothing left to stop it at exit.
+_on_private_loops: set["Batcher"] = set()
 
 
 @atexit.register

@@ -44,6 +44,31 @@ def test_local_streamers_exit_quietly(kind, ending):
     assert done.stdout == "[1, 4, 9] [16]\n"
 
 
+@pytest.mark.parametrize("kind", ["threaded", "spawn"])
+def test_a_streamer_made_in_a_function_and_never_destroyed_exits_quietly(kind):
+    # service-streamer's own test shape: the streamer goes out of scope, still running; the
+    # collection then must not destroy its dispatcher task while it is pending
+    done = run_script("""
+        import gc, sys
+        from batchserve.compat import Streamer, ThreadedStreamer
+        from tests.compat_models import square_or_fail
+
+        def use_one():
+            if sys.argv[1] == "threaded":
+                streamer = ThreadedStreamer(square_or_fail, batch_size=8, max_latency=0.01)
+            else:
+                streamer = Streamer(square_or_fail, batch_size=8, worker_num=1, mp_start_method="spawn")
+            return streamer.predict([1, 2, 3])
+
+        print(use_one())
+        gc.collect()
+        print(use_one())
+        gc.collect()
+    """, kind)
+    assert_quiet(done)
+    assert done.stdout == "[1, 4, 9]\n[1, 4, 9]\n"
+
+
 def test_a_streamer_whose_workers_are_still_loading_at_exit_exits_quietly():
     done = run_script("""
         from batchserve.compat import Streamer
