@@ -164,6 +164,36 @@ def test_no_call_waits_past_worker_timeout():
         streamer.destroy_workers()
 
 
+@pytest.mark.parametrize("kind", ["threaded", "spawn"])
+def test_destroy_workers_lets_submitted_work_finish(kind):
+    # the README's snippet: submit() ("result() later"), then destroy_workers()
+    if kind == "threaded":
+        model = EnvReporter()
+        model.init_model(delay=0.2)
+        streamer = ThreadedStreamer(model.predict, batch_size=2, max_latency=0.01)
+    else:
+        streamer = Streamer(EnvReporter, batch_size=2, max_latency=0.01, model_init_kwargs={"delay": 0.2},
+                            wait_for_worker_ready=True, mp_start_method="spawn")
+    futures = [streamer.submit([n]) for n in range(6)]  # three batches of two, one after another
+    streamer.destroy_workers()
+    assert [future.result(timeout=0)[0]["item"] for future in futures] == list(range(6))
+    with pytest.raises(NotReadyError, match="destroy_workers"):
+        streamer.submit([1])
+
+
+def test_destroy_workers_waits_no_longer_than_its_timeout():
+    model = EnvReporter()
+    model.init_model(delay=2.0)
+    streamer = ThreadedStreamer(model.predict, batch_size=1, worker_timeout=30)
+    futures = [streamer.submit([n]) for n in range(3)]
+    started = time.monotonic()
+    streamer.destroy_workers(timeout=0.5)
+    assert time.monotonic() - started < 1.8  # the batch that ran is abandoned when the loop stops
+    for future in futures:
+        with pytest.raises(NotReadyError, match="shut down"):
+            future.result(timeout=0)
+
+
 def test_managed_model_base_and_alias_module():
     import batchserve.service_streamer as service_streamer
 

@@ -146,11 +146,17 @@ class _Streamer:
         """The outputs for ``batch``, in order, batched with every concurrent caller's items."""
         return self.submit(batch).result()
 
-    def destroy_workers(self) -> None:
-        """Stop the worker thread or processes; later calls fail at once."""
+    def destroy_workers(self, timeout: float | None = None) -> None:
+        """Stop the worker thread or processes; later calls fail at once.
+
+        Work already submitted finishes first (service-streamer's README calls ``submit()``,
+        then ``destroy_workers()``, then ``result()``), for at most ``timeout`` seconds
+        (default ``worker_timeout``, which no request outlives anyway); what is still queued
+        or running then fails with :class:`~batchserve.errors.NotReadyError`.
+        """
         self._destroyed = True
         self._started.wait()
-        self._batcher.stop()
+        self._batcher.stop(grace=self._worker_timeout if timeout is None else timeout)
 
 
 class ThreadedStreamer(_Streamer):
