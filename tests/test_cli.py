@@ -107,10 +107,13 @@ def test_serve_options_reach_their_groups(monkeypatch):
 
 
 def test_worker_options_and_the_backend_it_picks(monkeypatch):
-    import batchserve.worker
+    import batchserve.backends.redis.worker
 
     seen: list[Settings] = []
-    monkeypatch.setattr(batchserve.worker, "run_worker", seen.append)
+    models: list[dict] = []
+    monkeypatch.setattr(
+        batchserve.backends.redis.worker, "run_worker", lambda settings, given: (seen.append(settings), models.append(given))
+    )
     runner = CliRunner()
     assert runner.invoke(cli.app, ["worker", "--redis-url", "redis://h/0", "--model", "tests.fakes:echo"]).exit_code == 0
     assert runner.invoke(cli.app, ["worker", "--redis-url", "redis://h/0", "--workers", "2"]).exit_code == 0
@@ -119,6 +122,8 @@ def test_worker_options_and_the_backend_it_picks(monkeypatch):
     assert alone.backend is BackendKind.thread and pooled.backend is BackendKind.process
     assert pooled.process.workers == 2 and pooled.app_names == [AppName.embeddings]
     assert alone.batching.max_queue_size == cli.WORKER_QUEUE_SIZE  # the stream is the queue
+    # the apps' batched models, by the names serve gives them; no HTTP service is built
+    assert [list(given) for given in models] == [["echo"], ["all-MiniLM-L6-v2"]]
     missing = runner.invoke(cli.app, ["worker", "--model", "tests.fakes:echo"])
     assert missing.exit_code == 2 and "--redis-url" in missing.output
 

@@ -45,7 +45,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from batchserve.aio import wait_event
 from batchserve.backends.base import Backend, batch_deadline
@@ -58,6 +58,10 @@ from batchserve.errors import (
     OverloadedError,
     WorkerDiedError,
 )
+
+if TYPE_CHECKING:  # the settings only travel through here: the library runs without them
+    from batchserve.model import ModelSpec
+    from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.batching")
 
@@ -271,6 +275,29 @@ class Batcher:
         self._changed: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
         self._batch_tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "Batcher":
+        """A batcher for one model, on the backend and with the limits the settings name:
+        what ``serve`` (each app) and ``batchserve worker`` build for every model.
+
+        A model that declares ``batch_length`` runs in token-budgeted passes: of
+        ``--max-batch-tokens``, else of its own ``max_batch_tokens``."""
+        from batchserve.backends.registry import create_backend
+
+        batching = settings.batching
+        length = spec.declared("batch_length")
+        budget = (batching.max_batch_tokens or spec.declared("max_batch_tokens")) if length is not None else None
+        return cls(
+            create_backend(spec, settings, name),
+            max_batch_size=batching.max_batch_size,
+            max_latency=batching.max_latency,
+            max_queue_size=batching.max_queue_size,
+            timeout=batching.timeout,
+            name=name,
+            length=length if budget else None,
+            max_batch_tokens=budget or None,
+        )
 
     # ---------------------------------------------------------------- state
 

@@ -215,7 +215,8 @@ def worker(
 ) -> None:
     """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
     options = dict(locals())
-    from batchserve.worker import run_worker
+    from batchserve.apps import batched_models
+    from batchserve.backends.redis.worker import run_worker
 
     in_processes = workers > 1 or bool(devices) or threads_per_worker is not None
     settings = settings_from(
@@ -223,7 +224,7 @@ def worker(
     )
     check_devices(settings)
     with exit_on_user_error():
-        run_worker(settings)
+        run_worker(settings, batched_models(settings))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from batchserve import Batcher
 from batchserve.backends import ProcessBackend, ThreadBackend
 from batchserve.backends.base import Backend
-from batchserve.backends.redis import RedisBackend
+from batchserve.backends.redis.front import RedisBackend
 from batchserve.backends.registry import BACKENDS, as_backend, backend_class, create_backend
 from batchserve.model import ModelSpec
 from batchserve.settings import BackendKind, Settings

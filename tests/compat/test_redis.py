@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from batchserve.backends.redis import RedisBackend
+from batchserve.backends.redis.front import RedisBackend
 from batchserve.batching import Batcher
 from batchserve.compat import RedisStreamer
 from batchserve.errors import NotReadyError

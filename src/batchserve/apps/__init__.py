@@ -1,7 +1,10 @@
 """Built-in applications; each module's ``build(settings)`` returns a :class:`Service`.
 
 Adding an app is one module with ``build(settings) -> Service`` plus one line in
-:data:`BUILT_IN` (and its name in :class:`~batchserve.settings.AppName`).
+:data:`BUILT_IN` (and its name in :class:`~batchserve.settings.AppName`).  An app whose
+models run on batchers also has ``models(settings) -> {name: ModelSpec}``, which its
+``build`` uses: :func:`batched_models` collects them for ``batchserve worker``, which
+serves the same models through Redis without building any HTTP service.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from batchserve.apps.base import Service
+from batchserve.model import ModelSpec
 from batchserve.settings import AppName, Settings
 
 #: app name → module holding ``build(settings) -> Service``
@@ -26,3 +30,15 @@ def build_services(settings: Settings) -> list[Service]:
     if settings.models:
         services.append(importlib.import_module(USER_MODELS).build(settings))
     return services
+
+
+def batched_models(settings: Settings) -> dict[str, ModelSpec]:
+    """The batched models of the apps and user models the settings ask for, by name (the
+    names ``serve`` gives their batchers); apps without batchers (generation) add none."""
+    modules = [BUILT_IN[name] for name in settings.app_names]
+    if settings.models:
+        modules.append(USER_MODELS)
+    models: dict[str, ModelSpec] = {}
+    for module in modules:
+        models.update(getattr(importlib.import_module(module), "models", lambda settings: {})(settings))
+    return models

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, Header
 
-from batchserve.backends.registry import create_backend
 from batchserve.batching import Batcher
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
@@ -69,23 +68,9 @@ class Service:
 
 
 def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
-    """A batcher for one model, on the backend and with the limits the settings name.
-
-    A model that declares ``batch_length`` runs in token-budgeted passes: of
-    ``--max-batch-tokens``, else of its own ``max_batch_tokens``."""
-    batching = settings.batching
-    length = spec.declared("batch_length")
-    budget = (batching.max_batch_tokens or spec.declared("max_batch_tokens")) if length is not None else None
-    return Batcher(
-        create_backend(spec, settings, name),
-        max_batch_size=batching.max_batch_size,
-        max_latency=batching.max_latency,
-        max_queue_size=batching.max_queue_size,
-        timeout=batching.timeout,
-        name=name,
-        length=length if budget else None,
-        max_batch_tokens=budget or None,
-    )
+    """A batcher for one model, on the backend and with the limits the settings name
+    (:meth:`Batcher.from_settings`: ``batchserve worker`` builds the same)."""
+    return Batcher.from_settings(spec, settings, name)
 
 
 TIMEOUT_HEADER = "X-Request-Timeout"

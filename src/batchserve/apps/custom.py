@@ -65,13 +65,19 @@ def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
     return router
 
 
-def build(settings: Settings) -> Service:
-    batchers: dict[str, Batcher] = {}
+def models(settings: Settings) -> dict[str, ModelSpec]:
+    """The user's models (``--model``) by name, each checked now: importable, and a model."""
+    specs: dict[str, ModelSpec] = {}
     for option in settings.models:
         name, reference = parse_model_option(option)
-        if name in batchers:
+        if name in specs:
             raise ValueError(f"two models are named {name!r}; name them with name=module:attr")
         target = import_object(reference)  # fail fast, before the server starts
         as_model(target)
-        batchers[name] = make_batcher(ModelSpec(reference), settings, name=name)
+        specs[name] = ModelSpec(reference)
+    return specs
+
+
+def build(settings: Settings) -> Service:
+    batchers = {name: make_batcher(spec, settings, name=name) for name, spec in models(settings).items()}
     return Service("models", build_router(batchers, settings), batchers)

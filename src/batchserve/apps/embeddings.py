@@ -235,8 +235,13 @@ def _encode(vector: np.ndarray, encoding_format: str):
     return vector
 
 
-def build(settings: Settings) -> Service:
+def models(settings: Settings) -> dict[str, ModelSpec]:
+    """The batched model this app serves (``batchserve worker --app embeddings`` serves it too)."""
     options = settings.embeddings
     spec = ModelSpec(EmbeddingModel, kwargs={"runtime": options.runtime.value, "quantize": options.quantize.value})
-    batcher = make_batcher(spec, settings, name=MODEL_NAME)
+    return {MODEL_NAME: spec}
+
+
+def build(settings: Settings) -> Service:
+    batcher = make_batcher(models(settings)[MODEL_NAME], settings, name=MODEL_NAME)
     return Service("embeddings", build_router(batcher, settings), {MODEL_NAME: batcher})

@@ -18,7 +18,7 @@ from batchserve.settings import BackendKind, Settings
 BACKENDS: dict[BackendKind, str] = {
     BackendKind.thread: "batchserve.backends.thread:ThreadBackend",
     BackendKind.process: "batchserve.backends.process:ProcessBackend",
-    BackendKind.redis: "batchserve.backends.redis:RedisBackend",
+    BackendKind.redis: "batchserve.backends.redis.front:RedisBackend",
 }
 
 

@@ -1,6 +1,6 @@
 """ShannonAI service-streamer's Redis names on top of the redis backend.
 
-``RedisStreamer`` is a front (:class:`~batchserve.backends.redis.RedisBackend`);
+``RedisStreamer`` is a front (:class:`~batchserve.backends.redis.front.RedisBackend`);
 ``RedisWorker(...).run_forever()`` and ``run_redis_workers_forever(...)`` serve it (as
 ``batchserve worker`` does).  They talk through the streams of the model named ``model``
 under ``prefix``, so ``batchserve worker --model model=module:attr --prefix P`` serves a
@@ -28,8 +28,8 @@ import time
 from typing import Any, Callable, Iterable
 
 from batchserve.backends.process import ProcessBackend
-from batchserve.backends.redis import RedisBackend
-from batchserve.worker import serve_batchers
+from batchserve.backends.redis.front import RedisBackend
+from batchserve.backends.redis.worker import serve_batchers
 from batchserve.backends.thread import ThreadBackend
 from batchserve.batching import Batcher
 from batchserve.compat.streamer import MAX_QUEUED_ITEMS, ManagedModel, ManagedModelLoader, _Streamer

@@ -1,4 +1,4 @@
-"""The Redis worker side (batchserve.worker, `batchserve worker`): entries are parsed without
+"""The Redis worker side (batchserve.backends.redis.worker, `batchserve worker`): entries are parsed without
 pickle and refused clearly; a worker on SIGTERM answers what it holds; a wrong password
 stops it with a clear error; two `--app embeddings` workers behind a front equal the model."""
 
@@ -15,8 +15,8 @@ import pytest
 
 from batchserve import wire
 from batchserve.apps.embeddings import EmbeddingModel
-from batchserve.backends.redis import GROUP, StreamKeys, connect, ensure_group
-from batchserve.worker import BadEntry, StreamWorker, parse_entry
+from batchserve.backends.redis.protocol import GROUP, BadEntry, StreamKeys, connect, ensure_group, parse_entry
+from batchserve.backends.redis.worker import StreamWorker
 from tests.fakes import double
 from tests.redis_fixtures import (  # noqa: F401 - fixtures
     WorkerProcess,

@@ -1,7 +1,7 @@
 """Redis backend end to end: a real redis-server, `batchserve worker` processes, an HTTP front.
 
 Worker death under load, a Redis outage, a password-protected Redis, and hostile entries.
-The worker's own side (SIGTERM, credentials, entry parsing) is in tests/test_worker.py.
+The worker's own side (SIGTERM, credentials, entry parsing) is in tests/backends/redis/test_worker.py.
 """
 
 from __future__ import annotations

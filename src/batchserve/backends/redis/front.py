@@ -1,16 +1,8 @@
 """Redis backend, the front side: batches go to remote workers through a Redis Stream.
 
-One stream of requests per model and prefix; the workers (:mod:`batchserve.worker`) read
-it with a consumer group.  Each front (each :class:`RedisBackend`) has its own reply
-stream, which only it reads.  Keys, for prefix ``P`` and model name ``M``::
-
-    batchserve:P:M:requests            entries {id, reply, deadline, data}
-    batchserve:P:M:replies:<client>    entries {id, data} or {id, error}
-    batchserve:P:M:workers             sorted set: live workers, scored by lease expiry
-    batchserve:P:M:workers:<consumer>  hash: a worker's counters (batches, batch sizes, ...)
-
-``deadline`` is Unix time in seconds (hosts are expected to keep their clocks in sync),
-``data`` and ``error`` are :mod:`batchserve.wire` payloads (msgpack, never pickle).
+One stream of requests per model and prefix; the workers (:mod:`.worker`) read it with a
+consumer group.  Each front (each :class:`RedisBackend`) has its own reply stream, which
+only it reads.  The keys, entries and replies are :mod:`.protocol`'s.
 
 While Redis is unreachable, or no worker serves the model, :meth:`RedisBackend.run`
 fails at once with :class:`~batchserve.errors.NotReadyError` (HTTP 503); batches waiting
@@ -26,136 +18,32 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import AuthenticationError, ResponseError
 
-from batchserve import wire
 from batchserve.backends.base import Backend, batch_deadline
-from batchserve.errors import (
-    BatchserveError,
-    DeadlineExceededError,
-    InputError,
-    ModelError,
-    NotReadyError,
-    OverloadedError,
-    WorkerDiedError,
+from batchserve.backends.redis.protocol import (
+    READ_BLOCK_MS,
+    RECONNECT_DELAY,
+    UNREACHABLE,
+    StreamKeys,
+    connect,
+    ensure_group,
+    redact,
+    reply_id,
+    reply_result,
+    request_entry,
 )
+from batchserve.errors import BatchserveError, DeadlineExceededError, NotReadyError
 from batchserve.model import ModelSpec
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.redis")
 
-GROUP = "workers"
-#: errors that mean "Redis is unreachable right now"
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 #: a request stream longer than this is trimmed (oldest first) so Redis memory stays bounded
 MAX_STREAM_LENGTH = 100_000
-READ_BLOCK_MS = 500
-RECONNECT_DELAY = 0.25
 WORKERS_CHECK_PERIOD = 1.0  # seconds between counts of live workers
 WORKERS_POLL_PERIOD = 0.1  # seconds between counts while batches wait for a first worker
-
-ERROR_KINDS: dict[str, type[BatchserveError]] = {
-    cls.kind: cls
-    for cls in (ModelError, DeadlineExceededError, NotReadyError, OverloadedError, WorkerDiedError, InputError)
-}
-
-
-# --------------------------------------------------------------------------- shared with workers
-
-
-@dataclass(frozen=True)
-class StreamKeys:
-    """The Redis keys of one model under one prefix."""
-
-    prefix: str
-    name: str
-
-    @property
-    def base(self) -> str:
-        return f"batchserve:{self.prefix}:{self.name}"
-
-    @property
-    def requests(self) -> str:
-        return f"{self.base}:requests"
-
-    @property
-    def workers(self) -> str:
-        """Sorted set: worker (consumer) name → Unix time until which it counts as alive."""
-        return f"{self.base}:workers"
-
-    def worker_stats(self, consumer: str) -> str:
-        return f"{self.base}:workers:{consumer}"
-
-    def replies(self, client: str) -> str:
-        return f"{self.base}:replies:{client}"
-
-    def is_reply_key(self, key: str) -> bool:
-        return key.startswith(f"{self.base}:replies:") and len(key) > len(self.base) + 9
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS).
-
-    Commands fail fast (no retries, short timeouts) so an outage is seen at once; the
-    callers reconnect.
-    """
-    return aioredis.Redis.from_url(
-        _with_scheme(url),
-        socket_connect_timeout=1.0,
-        socket_timeout=READ_BLOCK_MS / 1000 + 2.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=10,
-    )
-
-
-def _with_scheme(url: str) -> str:
-    """Accept service-streamer's ``host:port`` too."""
-    return url if "://" in url else f"redis://{url}"
-
-
-async def ensure_group(client: aioredis.Redis, stream: str) -> None:
-    """Create the workers' consumer group (and the stream) unless it exists.
-
-    The group starts at ``0`` so entries added before any worker came up are served.
-    """
-    try:
-        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
-
-
-def encode_error(error: BaseException) -> bytes:
-    kind = error.kind if isinstance(error, BatchserveError) else ModelError.kind
-    message = error.message if isinstance(error, BatchserveError) else f"{type(error).__name__}: {error}"
-    return wire.dumps({"kind": kind, "message": message})
-
-
-def decode_error(payload: bytes) -> BatchserveError:
-    try:
-        fields = wire.loads(payload)
-        cls = ERROR_KINDS.get(fields["kind"], ModelError)
-        return cls(str(fields["message"]))
-    except (wire.WireError, KeyError, TypeError):
-        return ModelError("a worker sent an unreadable error")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and /readyz."""
-    scheme, sep, rest = _with_scheme(url).partition("://")
-    credentials, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}"
-
-
-# --------------------------------------------------------------------------- front
 
 
 class RedisBackend(Backend):
@@ -299,12 +187,7 @@ class RedisBackend(Backend):
             await asyncio.sleep(WORKERS_POLL_PERIOD)
 
     async def _send(self, request_id: str, batch: list, unix_deadline: float) -> None:
-        entry = {
-            "id": request_id,
-            "reply": self.reply_key,
-            "deadline": repr(unix_deadline),
-            "data": wire.dumps(batch),
-        }
+        entry = request_entry(request_id, self.reply_key, unix_deadline, batch)
         try:
             await self._redis.xadd(self.keys.requests, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
         except UNREACHABLE as error:
@@ -339,20 +222,14 @@ class RedisBackend(Backend):
                     self._deliver(fields)
 
     def _deliver(self, fields: dict) -> None:
-        request_id = fields.get(b"id", b"").decode(errors="replace")
-        future = self._waiting.get(request_id)
+        future = self._waiting.get(reply_id(fields))
         if future is None or future.done():
             self.duplicate_replies += 1  # late (after the deadline) or answered twice
             return
-        if b"error" in fields:
-            future.set_exception(decode_error(fields[b"error"]))
-            return
         try:
-            outputs = wire.loads(fields.get(b"data", b""))
-        except wire.WireError as error:
-            future.set_exception(ModelError(f"a worker sent an unreadable reply: {error}"))
-            return
-        future.set_result(outputs)
+            future.set_result(reply_result(fields))
+        except BatchserveError as error:  # the worker's error, or an unreadable reply
+            future.set_exception(error)
 
     async def _count_workers_now_and_then(self) -> None:
         if time.time() - self._workers_checked >= WORKERS_CHECK_PERIOD:

@@ -1,14 +1,17 @@
 """The Redis workers: serve request streams with local batchers (``batchserve worker``).
 
-The front side (``serve --backend redis``) is :mod:`batchserve.backends.redis`; the keys,
-fields and the reclaim protocol are described in docs/ARCHITECTURE.md ("The Redis protocol").
+The front side (``serve --backend redis``) is :mod:`.front`, the keys and entries both read
+are :mod:`.protocol`'s; the reclaim protocol is described in docs/ARCHITECTURE.md ("The
+Redis protocol").  The worker serves the models it is given (name → :class:`ModelSpec`, from
+:func:`batchserve.apps.batched_models` via ``batchserve worker``): it builds their batchers
+as ``serve`` does, and no HTTP service.
 
 For each model a :class:`StreamWorker` reads entries with the consumer group while its
 local :class:`~batchserve.batching.Batcher` has a free slot, so the batcher forms batches of
 up to ``max_batch_size`` items from whatever waits on the stream (with its usual
 idle-aware wait, at most ``max_latency``), and a busy worker leaves entries to the others.
 
-An entry's life (see :mod:`batchserve.backends.redis` for the keys and fields):
+An entry's life (see :mod:`.protocol` for the keys and fields):
 
 1. read (``XREADGROUP``), or reclaimed (``XPENDING`` + ``XCLAIM``) from another consumer
    idle longer than the visibility timeout: a worker that died.  A worker refreshes the entries it holds
@@ -26,35 +29,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import signal
 import socket
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Mapping
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
-from batchserve import wire
 from batchserve.aio import wait_event
-from batchserve.apps import build_services
-from batchserve.backends.redis import (
+from batchserve.backends.redis.protocol import (
     GROUP,
     READ_BLOCK_MS,
     RECONNECT_DELAY,
     UNREACHABLE,
+    BadEntry,
+    Entry,
     StreamKeys,
     connect,
-    encode_error,
     ensure_group,
+    error_reply,
+    parse_entry,
     redact,
+    result_reply,
 )
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceededError, InputError, WorkerDiedError
 from batchserve.logs import configure_logging
+from batchserve.model import ModelSpec
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.worker")
@@ -68,55 +74,12 @@ REPLY_STREAM_LENGTH = 10_000
 STALE_CONSUMER_TIMEOUTS = 10
 
 
-class BadEntry(ValueError):
-    """An entry that is not a valid request; ``reply_key`` is None when nobody can be told."""
-
-    def __init__(self, message: str, reply_key: str | None, request_id: str):
-        super().__init__(message)
-        self.reply_key = reply_key
-        self.request_id = request_id
-
-
-@dataclass
-class Entry:
-    entry_id: bytes
-    request_id: str
-    reply_key: str
-    deadline: float  # Unix time
-    items: list
-
-
 @dataclass
 class Reply:
     entry_id: bytes
     reply_key: str | None  # None: nobody to answer, just ack
     fields: dict
     deadline: float
-
-
-def parse_entry(entry_id: bytes, fields: dict, keys: StreamKeys) -> Entry:
-    """Check and decode one request entry; raise :class:`BadEntry` saying what is wrong."""
-    reply_key = fields.get(b"reply", b"").decode(errors="replace")
-    request_id = fields.get(b"id", b"").decode(errors="replace")
-    answerable = reply_key if keys.is_reply_key(reply_key) and request_id else None
-
-    def bad(message: str) -> BadEntry:
-        return BadEntry(message, answerable, request_id)
-
-    if answerable is None:
-        raise bad(f"entry has no id or no valid reply stream (reply={reply_key!r})")
-    try:
-        deadline = float(fields[b"deadline"])
-        items = wire.loads(fields[b"data"])
-    except KeyError as missing:
-        raise bad(f"entry has no {missing.args[0].decode()!r} field") from None
-    except (ValueError, wire.WireError) as error:
-        raise bad(f"entry is malformed: {error}") from None
-    if not math.isfinite(deadline):
-        raise bad(f"entry deadline must be a finite Unix time, not {deadline!r}")
-    if not isinstance(items, list) or not items:
-        raise bad("entry data must be a non-empty list of items")
-    return Entry(entry_id, request_id, reply_key, deadline, items)
 
 
 class StreamWorker:
@@ -260,18 +223,17 @@ class StreamWorker:
             if remaining <= 0:
                 raise DeadlineExceededError("deadline passed before a worker took the request")
             outputs = await self.batcher.submit(entry.items, timeout=remaining)
-            fields = {"id": entry.request_id, "data": wire.dumps(outputs)}
+            fields = result_reply(entry.request_id, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            fields = {"id": entry.request_id, "error": encode_error(error)}
+            fields = error_reply(entry.request_id, error)
         self._post(Reply(entry.entry_id, entry.reply_key, fields, entry.deadline))
 
     def _answer_error(
         self, entry_id: bytes, reply_key: str | None, request_id: str, error: Exception, deadline: float
     ) -> None:
-        fields = {"id": request_id, "error": encode_error(error)}
-        self._post(Reply(entry_id, reply_key, fields, deadline))
+        self._post(Reply(entry_id, reply_key, error_reply(request_id, error), deadline))
 
     # ---------------------------------------------------------------- replying
 
@@ -517,18 +479,18 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def run_worker(settings: Settings) -> None:
-    """``batchserve worker``: serve the models of ``settings.apps`` / ``settings.models``.
+def run_worker(settings: Settings, models: Mapping[str, ModelSpec]) -> None:
+    """``batchserve worker``: serve ``models`` (name → spec) through Redis.
 
-    The apps are built as for ``serve`` (same model names, so the same streams), but only
-    their batchers are used: no HTTP here.  Blocks until SIGTERM or SIGINT.
+    The models are the apps' batched models (:func:`batchserve.apps.batched_models`, the
+    same names as ``serve``'s, so the same streams), each on a batcher built as ``serve``
+    builds it (:meth:`Batcher.from_settings`); no HTTP here.  Blocks until SIGTERM or SIGINT.
     """
     if not settings.redis.redis_url:
         raise ValueError("a worker needs --redis-url")
     configure_logging(settings.server.log_level.value)
-    services = build_services(settings)
-    batchers = {name: batcher for service in services for name, batcher in service.batchers.items()}
-    if not batchers:
+    if not models:
         raise ValueError("these apps have no batched model to serve through Redis")
+    batchers = {name: Batcher.from_settings(spec, settings, name) for name, spec in models.items()}
     redis = settings.redis
     asyncio.run(serve_batchers(batchers, redis.redis_url, redis.redis_prefix, redis.visibility_timeout))
