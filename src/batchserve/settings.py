@@ -77,14 +77,25 @@ class _Group(BaseModel):
 
 class BatchingSettings(_Group):
     max_batch_size: int = Field(64, ge=1, description="most items in one batch")
+#: the shortest deadline a client may ask for with X-Request-Timeout, seconds: below a
+#: millisecond no request could be served in time (one batching wait is longer), so asking
+#: for one is the client's mistake (422 naming the bounds), not a deadline passed (504)
+MIN_REQUEST_TIMEOUT = 0.001
+
+
     max_latency: float = Field(0.01, ge=0, description="longest batching wait, seconds from the oldest queued item")
-    max_queue_size: int = Field(1024, ge=1, description="queued items past which requests get 503")
+    max_queue_size: int = Field(
+        1024, ge=1, description="queued items past which requests get 503 (one request of more items: 422)"
+    )
     max_batch_tokens: int | None = Field(
         None, ge=1,
         description="token budget of one pass (rows x longest), for models that declare batch_length (default: the model's own)",
     )
     timeout: float = Field(30.0, gt=0, description="default per-request deadline, seconds")
-    max_timeout: float = Field(600.0, gt=0, description="largest deadline a client may ask for (X-Request-Timeout)")
+    max_timeout: float = Field(
+        600.0, ge=MIN_REQUEST_TIMEOUT,
+        description=f"largest deadline a client may ask for (X-Request-Timeout: {MIN_REQUEST_TIMEOUT:g} s and up)",
+    )
 
 
 class ProcessSettings(_Group):

@@ -60,8 +60,9 @@ async def test_published_spec_is_the_one_fuzzed(fuzz_app):
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_json_error_bodies(case, fuzz_app):
-    """No 5xx but one: a valid request whose own X-Request-Timeout (the spec allows any
-    positive number of seconds, 5e-324 included) passes first gets the 504 it asked for."""
+    """No 5xx but one: a valid request whose own X-Request-Timeout (the spec allows 0.001 s
+    and up, too short for a batch to run) passes while it is served gets the 504 it asked
+    for.  (Below the bound, 5e-324 say, it is the client's mistake: a 422.)"""
     response = fuzz_app.send(case)
     asked_for_a_deadline = any(name.lower() == "x-request-timeout" for name in case.headers or {})
     if response.status_code == 504 and asked_for_a_deadline:
@@ -98,9 +99,90 @@ async def test_hostile_bodies_get_4xx_json(fuzz_app, content, content_type):
 @on_module_loop
 async def test_input_list_limits_are_named(fuzz_app):
     too_many = await fuzz_app.client.post("/v1/embeddings", json={"input": ["a"] * 2049})
-    assert too_many.status_code == 422 and "2048" in too_many.json()["error"]["message"]
+    assert too_many.status_code == 422 and "at most 2048 inputs" in too_many.json()["error"]["message"]
     too_many_sentences = await fuzz_app.client.post("/cluster", json={"sentences": ["a"] * 1025})
     assert too_many_sentences.status_code == 422 and "1024" in too_many_sentences.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("queue, limit", [(None, 1024), (100, 100)])
+async def test_one_input_limit_in_every_message_and_the_schema(queue, limit):
+    """/v1/embeddings states one limit: OpenAI's 2048 inputs, or fewer when the queue
+    (--max-queue-size, 1024 by default) holds fewer, in the schema and in every 422.  (It
+    said "at most 2048 inputs per request" to 5000 inputs, then "request has 2048 items; the
+    limit is 1024" to 2048.)  The app is not started: these are refused before the batcher."""
+    options = {} if queue is None else {"max_queue_size": queue}
+    app = create_app(Settings.from_options(apps=["embeddings"], backend="thread", **options))
+    spec = app.openapi()["components"]["schemas"]
+    texts = spec["EmbeddingRequest"]["properties"]["input"]["anyOf"][1]
+    assert texts["maxItems"] == limit and f"1 to {limit} texts" in spec["EmbeddingRequest"]["properties"]["input"]["description"]
+    assert spec["ClusterRequest"]["properties"]["sentences"]["maxItems"] == min(limit, 1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        for count in (limit + 1, 2048, 5000):
+            reply = await client.post("/v1/embeddings", json={"input": ["a"] * count})
+            assert reply.status_code == 422, reply.text
+            assert reply.json()["error"]["message"] == f"input: Value error, at most {limit} inputs per request (got {count})"
+        reply = await client.post("/cluster", json={"sentences": ["a"] * 5000})
+        assert reply.status_code == 422 and f"at most {min(limit, 1024)} items" in reply.json()["error"]["message"]
+
+
+@on_module_loop
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/cluster", "/models/echo/predict"])
+@pytest.mark.parametrize("value", ["5e-324", "0", "0.0009", "-1", "nan", "inf", "601", "soon"])
+async def test_a_deadline_no_request_could_meet_is_a_422_naming_the_bound(fuzz_app, path, value):
+    """X-Request-Timeout: 5e-324 was answered 504 ("deadline of 4.94066e-324 s exceeded"):
+    the client's mistake, now a 422 that names the bounds the schema publishes."""
+    body = {"sentences": ["a"]} if path == "/cluster" else {"input": "a"} if path.startswith("/v1") else {"inputs": [1]}
+    reply = await fuzz_app.client.post(path, json=body, headers={"X-Request-Timeout": value})
+    assert reply.status_code == 422, reply.text
+    assert "X-Request-Timeout must be" in reply.json()["error"]["message"]
+    assert "from 0.001 to 600 seconds" in reply.json()["error"]["message"]
+    route = "/models/{name}/predict" if path.startswith("/models/") else path
+    header = next(p for p in schema.raw_schema["paths"][route]["post"]["parameters"] if p["name"] == "x-request-timeout")
+    assert header["schema"]["minimum"] == 0.001 and header["schema"]["maximum"] == 600
+    assert "from 0.001 to 600 seconds" in header["description"]
+
+
+async def test_a_deadline_that_passes_while_served_is_still_a_504():
+    async with in_process(models=["tests.fakes:slow"], backend="thread") as client:
+        shortest = await client.post("/models/slow/predict", json={"inputs": [1]}, headers={"X-Request-Timeout": "0.001"})
+        assert shortest.status_code == 504 and shortest.json()["error"]["type"] == "deadline", shortest.text
+        passed = await client.post("/models/slow/predict", json={"inputs": [1]}, headers={"X-Request-Timeout": "0.1"})
+        assert passed.status_code == 504 and passed.json()["error"]["type"] == "deadline", passed.text
+
+
+@on_module_loop
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/models/echo/predict"])
+async def test_a_json_body_without_its_content_type_names_the_header(fuzz_app, content_type, path):
+    """JSON sent as text/plain (curl -d without -H) was told "Input should be a valid
+    dictionary": it is refused (FastAPI reads only JSON-typed bodies, so that a browser's
+    form or text/plain post from another site reaches no route) with the header to send."""
+    body = b'{"input": "hi"}' if path.startswith("/v1") else b'{"inputs": [1]}'
+    headers = {} if content_type is None else {"content-type": content_type}
+    reply = await fuzz_app.client.post(path, content=body, headers=headers)
+    assert reply.status_code == 422, reply.text
+    message = reply.json()["error"]["message"]
+    assert "Content-Type: application/json" in message, message
+    assert ("no Content-Type header" if content_type is None else f"had Content-Type: {content_type}") in message
+    assert "dictionary" not in message
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        (b'{"input": "hi",\n "user": }', "Expecting value at line 2, column 10 (char 25)"),
+        (b'{"input": "hi"', "Expecting ',' delimiter at line 1, column 15 (char 14)"),
+        (b"{'input': 'hi'}", "Expecting property name enclosed in double quotes at line 1, column 2 (char 1)"),
+        (b'{"input": "hi"} trailing', "Extra data at line 1, column 17 (char 16)"),
+    ],
+)
+async def test_invalid_json_says_where_and_what(fuzz_app, content, where):
+    """Was "16: JSON decode error": now what is wrong and where, as Python's json says it."""
+    for path in ("/v1/embeddings", "/cluster"):
+        reply = await fuzz_app.client.post(path, content=content, headers={"content-type": "application/json"})
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"]["message"] == f"the body is not valid JSON: {where}"
 
 
 @on_module_loop

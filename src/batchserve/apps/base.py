@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header
 from batchserve.batching import Batcher
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
-from batchserve.settings import Settings
+from batchserve.settings import MIN_REQUEST_TIMEOUT, Settings
 
 
 class Service:
@@ -83,10 +83,12 @@ def deadline_dependency(settings: Settings):
     :class:`~batchserve.server.json_route.JSONBodyRoute` reads the header without FastAPI's
     dependency solving (the same parse, the same errors)."""
     default, limit = settings.batching.timeout, settings.batching.max_timeout
+    shortest = MIN_REQUEST_TIMEOUT  # shorter is the client's mistake (a 422), not a 504
+    bounds = f"from {shortest:g} to {limit:g} seconds"
 
     def number_schema(schema: dict) -> None:  # parsed below, for messages that name the header
         schema.clear()
-        schema.update({"type": "number", "exclusiveMinimum": 0, "maximum": limit})
+        schema.update({"type": "number", "minimum": shortest, "maximum": limit})
 
     def parse(value: str | None) -> float:
         if value is None:
@@ -94,16 +96,16 @@ def deadline_dependency(settings: Settings):
         try:
             seconds = float(value)
         except ValueError:
-            raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds") from None
-        if not 0 < seconds <= limit:
-            raise InputError(f"{TIMEOUT_HEADER} must be in (0, {limit:g}] seconds")
+            raise InputError(f"{TIMEOUT_HEADER} must be a number of seconds, {bounds}", param=TIMEOUT_HEADER) from None
+        if not shortest <= seconds <= limit:  # NaN included
+            raise InputError(f"{TIMEOUT_HEADER} must be {bounds} (got {value.strip()[:40]})", param=TIMEOUT_HEADER)
         return seconds
 
     # async: FastAPI calls a sync dependency in a thread pool, one thread hop per request
     async def request_timeout(
         x_request_timeout: str | None = Header(
             default=None,
-            description=f"deadline in seconds, at most {limit:g} (default {default:g})",
+            description=f"the request's deadline, {bounds} (default {default:g})",
             json_schema_extra=number_schema,
         ),
     ) -> float:

