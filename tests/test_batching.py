@@ -114,6 +114,24 @@ async def test_wrong_number_of_outputs_is_a_clear_error(make_batcher):
         await batcher.submit([1])
 
 
+def test_a_str_given_as_items_is_refused_not_split_into_characters(make_batcher):
+    batcher = make_batcher(lambda items: [2 * x for x in items])
+    with pytest.raises(TypeError, match=r"items must be a list of inputs, got a str .* pass \[text\]"):
+        batcher.predict("abc")  # was ['aa', 'bb', 'cc']
+    with pytest.raises(TypeError, match="got a bytes"):
+        batcher.submit_future(b"abc")
+    with pytest.raises(TypeError, match="items must be a list of inputs, got int"):
+        batcher.predict(3)
+    assert batcher.predict(["abc"]) == ["abcabc"]
+    assert batcher.predict(x for x in (1, 2)) == [2, 4]  # any other iterable still works
+
+
+async def test_an_awaited_str_is_refused_too(make_batcher):
+    batcher = make_batcher(lambda items: items)
+    with pytest.raises(TypeError, match="got a str"):
+        await batcher.submit("abc")
+
+
 def test_three_calling_styles_on_one_object(make_batcher):
     batcher = make_batcher(RecordingModel(cost=0.01), max_batch_size=8)
     assert batcher.predict([1, 2]) == [2, 4]

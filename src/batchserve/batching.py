@@ -424,6 +424,7 @@ class Batcher:
 
     async def submit(self, items: Iterable, timeout: float | None = None) -> list:
         """Await the outputs for ``items`` (in order)."""
+        items = _item_list(items)
         if self._started is None or not self._started.done():
             await self.start()
         running = asyncio.get_running_loop()
@@ -433,6 +434,7 @@ class Batcher:
 
     def submit_future(self, items: Iterable, timeout: float | None = None) -> concurrent.futures.Future:
         """Queue ``items`` from any thread; the future resolves to their outputs."""
+        items = _item_list(items)  # here, in the caller's thread: a generator is read where it was made
         if self._started is None:
             self.start_in_thread()
         elif not self._started.done() and _running_loop() is not self._loop:
@@ -666,6 +668,20 @@ def length_passes(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
     if current:
         passes.append(current)
     return passes
+
+
+def _item_list(items: Iterable) -> list:
+    """``items`` as a list.  A ``str`` or ``bytes`` is refused: ``list("abc")`` would make
+    three one-character inputs of what is surely one."""
+    if isinstance(items, (str, bytes, bytearray)):
+        raise TypeError(
+            f"items must be a list of inputs, got a {type(items).__name__} (it would be split into "
+            f"characters); for one input pass [text]"
+        )
+    try:
+        return list(items)
+    except TypeError:
+        raise TypeError(f"items must be a list of inputs, got {type(items).__name__}") from None
 
 
 def _as_output_list(outputs: Any, expected: int) -> list:
