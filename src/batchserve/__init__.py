@@ -1,6 +1,7 @@
 """batchserve: dynamic batching for deep-learning models, as a library and a server."""
 
 from batchserve.batching import Batcher
+from batchserve.decorator import batch
 from batchserve.errors import (
     BatchserveError,
     DeadlineExceededError,
@@ -26,4 +27,5 @@ __all__ = [
     "OverloadedError",
     "WorkerDiedError",
     "as_model",
+    "batch",
 ]
