@@ -279,7 +279,7 @@ def main() -> None:
         parser.error(f"no llama-server binary at {args.llama_server!r}: give --llama-server or LLAMA_SERVER "
                      "(make bench-llama-server builds one)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from batchserve.runtimes.torch_loading import bundled_gguf_path
+    from batchserve.runtimes.bundled import bundled_gguf_path
 
     gguf = bundled_gguf_path()
     load_average = LoadAverage()

@@ -101,7 +101,7 @@ def embedding_agreement(url: str) -> str:
     """Cosine of a server's embeddings against sentence-transformers on the calibration texts."""
     from sentence_transformers import SentenceTransformer
 
-    from batchserve.runtimes.onnx_encoder import calibration_texts
+    from batchserve.runtimes.onnx.encoder import calibration_texts
 
     texts = calibration_texts()
     reference = SentenceTransformer(bundled_model(), device="cpu", local_files_only=True).encode(texts)

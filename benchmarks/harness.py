@@ -140,7 +140,7 @@ class RawEncoder:
             self.encode = lambda batch: model.encode(batch, batch_size=len(batch), convert_to_numpy=True)
         else:
             from batchserve.batching import length_passes
-            from batchserve.runtimes.onnx_encoder import OnnxEncoder
+            from batchserve.runtimes.onnx.encoder import OnnxEncoder
 
             self.encoder = model = OnnxEncoder(bundled_model_path(), threads=os.cpu_count(), quantize=quantize)
             model.load()

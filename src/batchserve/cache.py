@@ -7,6 +7,7 @@ place only when complete, so a process killed mid-way never leaves a half-writte
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,3 +19,10 @@ def default_cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "batchserve"
+
+
+def file_key(path: Path) -> str:
+    """A short key for a cache entry made from the file at ``path``: its resolved name, size
+    and modification time, so an entry made from a file that changed is never reused."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from batchserve.apps.embeddings import MODEL_NAME, bundled_model_path
-from batchserve.runtimes.onnx_encoder import ensure_graph
+from batchserve.runtimes.onnx.encoder import ensure_graph
 from tests.conftest import free_port, in_process
 
 TEXTS = ["Dog Walking: 10 Simple Steps", "A much longer sentence about serving models in batches.", "x"]

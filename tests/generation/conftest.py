@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchserve.runtimes.torch_lm import TorchCausalLM
+from batchserve.runtimes.torch.lm import TorchCausalLM
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Greedy equivalence per runtime: requests that join the running batch at different decode
 steps each get the tokens the same runtime gives for their prompt alone (up to a near tie:
-llama.cpp's kernels round differently with the batch, see tests/runtimes/test_llama_lm.py).
+llama.cpp's kernels round differently with the batch, see tests/runtimes/llama/test_lm.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 
 from batchserve.errors import ModelError  # noqa: E402
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams  # noqa: E402
-from batchserve.runtimes.llama_lm import LlamaCausalLM  # noqa: E402
+from batchserve.runtimes.llama.lm import LlamaCausalLM  # noqa: E402
 from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, greedy_results_joining_at_distinct_steps  # noqa: E402
 
 #: logits: top two closer than this are a tie llama.cpp's rounding may break either way

@@ -9,7 +9,7 @@ import torch
 
 from batchserve.errors import DeadlineExceededError
 from batchserve.generation import scoring
-from batchserve.runtimes import torch_scoring
+from batchserve.runtimes.torch import scoring as torch_scoring
 
 
 

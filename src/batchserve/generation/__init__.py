@@ -10,7 +10,7 @@ through the runtime (infill).
 from batchserve.generation.engine import EngineLimits, GenerationEngine
 from batchserve.generation.request import Choice, ChoiceDelta, Completion, GenerationRequest
 from batchserve.generation.sampling import SamplingParams
-from batchserve.runtimes.torch_loading import LoadedModel, load_causal_lm  # the torch runtime's loader, re-exported
+from batchserve.runtimes.torch.loading import LoadedModel, load_causal_lm  # the torch runtime's loader, re-exported
 
 __all__ = [
     "Choice",

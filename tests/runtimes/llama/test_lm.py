@@ -21,10 +21,10 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 
 from batchserve.errors import DeadlineExceededError  # noqa: E402
 from batchserve.runtimes import LANGUAGE_MODELS, CausalLM, language_model_class  # noqa: E402
-from batchserve.runtimes import llama_lm  # noqa: E402
-from batchserve.runtimes.llama_lm import LlamaCausalLM, context_tokens  # noqa: E402
-from batchserve.runtimes.llama_native import Context, KVCacheFullError, LlamaDecodeError  # noqa: E402
-from batchserve.runtimes.llama_prefix import PrefixCache  # noqa: E402
+from batchserve.runtimes.llama import lm as llama_lm  # noqa: E402
+from batchserve.runtimes.llama.lm import LlamaCausalLM, context_tokens  # noqa: E402
+from batchserve.runtimes.llama.native import Context, KVCacheFullError, LlamaDecodeError  # noqa: E402
+from batchserve.runtimes.llama.prefix import PrefixCache  # noqa: E402
 from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone, rows_join_and_leave  # noqa: E402
 
 DOCUMENT = (

@@ -14,7 +14,7 @@ import pytest
 
 from batchserve.apps.embeddings import EmbeddingModel, bundled_model_path
 from batchserve.runtimes import encoder_class
-from batchserve.runtimes.onnx_encoder import (
+from batchserve.runtimes.onnx.encoder import (
     GRAPH,
     MANIFEST,
     OnnxEncoder,

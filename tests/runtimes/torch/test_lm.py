@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from batchserve.runtimes import LANGUAGE_MODELS, CausalLM, language_model_class
-from batchserve.runtimes.torch_kv import RowCache
-from batchserve.runtimes.torch_lm import TorchCausalLM
+from batchserve.runtimes.torch.kv import RowCache
+from batchserve.runtimes.torch.lm import TorchCausalLM
 from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone, rows_join_and_leave
 
 

