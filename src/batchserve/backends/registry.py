@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from batchserve.backends.base import Backend
+from batchserve.extras import needs_extra
 from batchserve.model import ModelSpec
 from batchserve.settings import BackendKind, Settings
 
@@ -20,15 +21,22 @@ BACKENDS: dict[BackendKind, str] = {
     BackendKind.process: "batchserve.backends.process:ProcessBackend",
     BackendKind.redis: "batchserve.backends.redis.front:RedisBackend",
 }
+#: a backend whose packages come with an extra (``pip install 'batchserve[redis]'``); the others are the core's
+EXTRA_OF: dict[BackendKind, str] = {BackendKind.redis: "redis"}
 
 
 def backend_class(kind: BackendKind | str) -> type[Backend]:
+    """The class of backend ``kind``, imported now; one whose extra is not installed raises
+    :class:`~batchserve.extras.MissingExtraError` naming it."""
     try:
-        reference = BACKENDS[BackendKind(kind)]
+        known = BackendKind(kind)
     except ValueError:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(k.value for k in BACKENDS)}") from None
-    module, _, name = reference.partition(":")
-    return getattr(importlib.import_module(module), name)
+    module, _, name = BACKENDS[known].partition(":")
+    if known not in EXTRA_OF:
+        return getattr(importlib.import_module(module), name)
+    with needs_extra(EXTRA_OF[known], f"the {known.value} backend"):
+        return getattr(importlib.import_module(module), name)
 
 
 def create_backend(spec: ModelSpec, settings: Settings, name: str) -> Backend:
