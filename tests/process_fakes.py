@@ -89,3 +89,15 @@ class WhoLoaded:
 def echo_arrays(batch: list) -> list:
     """Returns each (large) array plus one: big messages both ways."""
     return [array + 1 - 1 for array in batch]
+
+
+class DiesWhileLoading:
+    """Says why on stderr, then its process dies before it is ready, every time."""
+
+    def load(self) -> None:
+        # on the file descriptor: under pytest a forked worker's sys.stderr is pytest's capture file
+        os.write(2, b"loading DiesWhileLoading\nfatal: no accelerator here\n")
+        os._exit(7)
+
+    def predict(self, batch: list) -> list:
+        return batch

@@ -217,6 +217,22 @@ def test_model_that_fails_to_load_fails_start_with_its_message():
     assert all(gone(pid) for pid in set(worker_children()) - before)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_workers_that_never_become_ready_fail_start_with_their_own_message(start_method):
+    before = set(worker_children())
+    batcher = process_batcher(  # no preload: the model dies in each worker, never in this process
+        "tests.process_fakes:DiesWhileLoading", 2, start_method=start_method, preload=False, start_timeout=60
+    )
+    started = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="fatal: no accelerator here") as raised:
+        batcher.start_in_thread()
+    assert time.monotonic() - started < 30  # two tries a worker, not restarts until start_timeout
+    assert "exited with status 7" in str(raised.value)
+    assert "loading DiesWhileLoading" not in str(raised.value)  # the error, not everything it printed
+    assert all(gone(pid) for pid in set(worker_children()) - before)
+    batcher.stop()
+
+
 def test_stop_leaves_no_orphans_or_zombies():
     batcher = process_batcher(whoami, 3)
     batcher.start_in_thread()

@@ -69,6 +69,42 @@ def test_a_streamer_made_in_a_function_and_never_destroyed_exits_quietly(kind):
     assert done.stdout == "[1, 4, 9]\n[1, 4, 9]\n"
 
 
+UNGUARDED_SCRIPT = """
+from batchserve.compat import Streamer
+
+def square(batch):
+    return [x * x for x in batch]
+
+streamer = Streamer(square, batch_size=4, worker_num=2, wait_for_worker_ready=True)
+print(streamer.predict([1, 2]))
+streamer.destroy_workers()
+"""
+
+
+def test_a_script_without_a_main_guard_fails_with_the_workers_error_instead_of_hanging(tmp_path):
+    # the README's "BERT service in 5 minutes", saved as a script: each spawned worker runs the
+    # script again and dies in multiprocessing's bootstrapping error
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 60
+    raised = done.stderr[done.stderr.rindex("Traceback (most recent call last):"):]  # this process's own
+    assert "WorkerDiedError: the workers of 'square' died before they were ready" in raised
+    assert "current process has finished its bootstrapping phase" in raised  # the worker's own words
+    assert 'under if __name__ == "__main__":' in raised
+    assert done.stdout == ""
+
+    guarded = UNGUARDED_SCRIPT.replace("streamer = ", 'if __name__ == "__main__":\n    streamer = ')
+    guarded = guarded.replace("\nprint(", "\n    print(").replace("\nstreamer.destroy", "\n    streamer.destroy")
+    script.write_text(guarded)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert_quiet(done)
+    assert done.stdout == "[1, 4]\n"
+
+
 def test_a_streamer_whose_workers_are_still_loading_at_exit_exits_quietly():
     done = run_script("""
         from batchserve.compat import Streamer

@@ -35,8 +35,14 @@ class WorkerConfig:
     threads: int
 
 
-def serve(conn: Connection, config: WorkerConfig, model: Model | ModelSpec, forked: bool) -> None:
-    """Entry point of a worker process: set up, load (unless forked with a loaded model), serve."""
+def serve(
+    conn: Connection, config: WorkerConfig, model: Model | ModelSpec, forked: bool, stderr: InheritedFd | None = None
+) -> None:
+    """Entry point of a worker process: set up, load (unless forked with a loaded model), serve.
+
+    Until it is ready, the worker's stderr is a pipe the front reads (and passes on), so that
+    a worker dying before it was ready is reported with its own last words; ``stderr`` is the
+    real one, put back when it is ready."""
     _become_worker(conn, config, forked)
     if isinstance(model, ModelSpec):
         try:
@@ -47,6 +53,8 @@ def serve(conn: Connection, config: WorkerConfig, model: Model | ModelSpec, fork
             sys.exit(3)
     set_torch_threads(config.threads)  # torch may have been imported while loading
     info = {"pid": os.getpid(), "device": config.device, "threads": config.threads, **model_facts(model)}
+    if stderr is not None:
+        _restore_stderr(stderr.fd)
     if _send(conn, ("ready", info)):
         _serve_batches(conn, model)
 
@@ -76,6 +84,38 @@ def _send(conn: Connection, message: tuple) -> bool:
     except Exception as error:  # noqa: BLE001 - pickling failed before anything was written
         return _send(conn, ("error", f"outputs cannot be sent back from the worker: {error}"))
     return True
+
+
+class InheritedFd:
+    """A file descriptor of the front that a worker process gets too (same number after fork;
+    passed along, like the pipe's own end, when pickled for a spawned worker)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _inherited_fd, (DupFd(self.fd),)
+
+
+def _inherited_fd(duplicate) -> InheritedFd:
+    return InheritedFd(duplicate.detach())
+
+
+def _restore_stderr(fd: int) -> None:
+    """Point stderr (and Python's ``sys.stderr``) back at the front's real stderr."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _become_worker(conn: Connection, config: WorkerConfig, forked: bool) -> None:

@@ -10,7 +10,11 @@ free worker; this backend knows which are free (one slot per worker).
   once (CPU only, one torch thread, ``gc.freeze()`` before each fork), so the weights are
   shared copy-on-write.  GPU workers *spawn* and load their own copy.
 * **Supervision.** A worker that dies is restarted at once — with exponential backoff if it
-  died before it was ready.  The batch it held fails with
+  died before it was ready.  While no worker has ever been ready, a start whose every worker
+  died twice fails with the last one's own error (what it printed on stderr: until ready, a
+  worker's stderr is a pipe the front reads and passes on), not restarts until
+  ``start_timeout``: a spawned worker that re-runs a script without an
+  ``if __name__ == "__main__":`` guard dies the same way every time.  The batch it held fails with
   :class:`~batchserve.errors.WorkerDiedError`, which the batcher retries once on another
   worker.  A worker is recycled after ``max_batches`` batches (plus up to 10 % jitter, so
   they do not all recycle at once).  Shutdown stops every worker, then terminates, then
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import enum
 import gc
 import logging
@@ -31,6 +36,8 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -39,7 +46,7 @@ from typing import Any, Iterable
 
 from batchserve.aio import wait_event
 from batchserve.backends.base import Backend, load_before_fork
-from batchserve.backends.child import WorkerConfig, serve
+from batchserve.backends.child import InheritedFd, WorkerConfig, serve
 from batchserve.devices import environment, is_gpu, parse_devices, threads_per_worker, worker_env
 from batchserve.errors import ModelError, NotReadyError, WorkerDiedError
 from batchserve.model import Model, ModelSpec
@@ -49,6 +56,7 @@ log = logging.getLogger("batchserve.workers")
 
 BACKOFF_FIRST = 0.5  # seconds before restarting a worker that died before it was ready
 BACKOFF_MAX = 30.0
+NEVER_READY_TRIES = 2  # deaths before ready, each worker, before a start that never had one ready fails
 STOP_GRACE = 5.0  # seconds a worker gets to exit after "stop", then SIGTERM, then SIGKILL
 
 
@@ -71,6 +79,7 @@ class _Worker:
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     start_timer: asyncio.TimerHandle | None = None
+    stderr: "_StderrPipe | None" = None  # what it writes on stderr until it is ready
 
     @property
     def up(self) -> bool:
@@ -124,6 +133,8 @@ class ProcessBackend(Backend):
         self._freed: asyncio.Event | None = None
         self._start_error: BaseException | None = None
         self._started = False
+        self._ever_ready = False
+        self._last_death = ""  # how the latest worker that was never ready died, and its last words
         self._closed = False
         self._model_facts: dict = {}  # what the latest ready worker's model said about itself
 
@@ -134,7 +145,9 @@ class ProcessBackend(Backend):
             spec,
             workers=process.workers,
             devices=process.devices,
-            threads_per_worker=process.threads_per_worker,
+            # every process that computes shares the cores: each HTTP process has its own workers
+            threads_per_worker=process.threads_per_worker
+            or threads_per_worker(process.workers * settings.server.http_workers),
             max_batches=process.max_batches_per_worker,
             name=name,
         )
@@ -229,23 +242,33 @@ class ProcessBackend(Backend):
         front_end, worker_end = self._context.Pipe(duplex=True)
         forked = self.start_method == "fork"
         model = self._model if self._model is not None else self.spec
-        process = self._context.Process(
-            target=serve,
-            args=(worker_end, config, model, forked),
-            name=f"batchserve-{self.name}-{slot}",
-            daemon=False,  # a daemon could not start processes of its own (data loaders...)
-        )
         limit = None
         if self.max_batches:
             limit = self.max_batches + random.randint(0, self.max_batches // 10)
-        if forked:
-            gc.freeze()  # keep the parent's objects out of the children's collections
-            process.start()
-        else:
-            with environment(worker_env(device, slot, config.threads)):
-                process.start()
+        with _stderr_to_pipe() as pipe:
+            real_stderr = InheritedFd(pipe[1]) if pipe is not None else None
+            process = self._context.Process(
+                target=serve,
+                args=(worker_end, config, model, forked, real_stderr),
+                name=f"batchserve-{self.name}-{slot}",
+                daemon=False,  # a daemon could not start processes of its own (data loaders...)
+            )
+            try:
+                if forked:
+                    gc.freeze()  # keep the parent's objects out of the children's collections
+                    process.start()
+                else:
+                    with environment(worker_env(device, slot, config.threads)):
+                        process.start()
+            except BaseException:
+                if pipe is not None:
+                    os.close(pipe[0])
+                raise
         worker_end.close()
         worker = _Worker(slot, process, front_end, limit)
+        if pipe is not None:
+            worker.stderr = _StderrPipe(pipe[0])
+            self._loop.add_reader(pipe[0], self._on_stderr, worker)
         self._slots[slot] = worker
         self._loop.add_reader(front_end.fileno(), self._on_message, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
@@ -265,14 +288,30 @@ class ProcessBackend(Backend):
                 await self.close()
                 raise error
             up = self.capacity
-            failing = sum(1 for count in self._failures if count >= 2)
+            failing = sum(1 for count in self._failures if count >= NEVER_READY_TRIES)
             if up == self.workers or (up and up + failing >= self.workers):
                 return
+            if not up and not self._ever_ready and failing >= self.workers:
+                error = WorkerDiedError(self._never_ready_message())
+                await self.close()
+                raise error
             if self._loop.time() > deadline:
                 await self.close()
                 raise NotReadyError(f"no worker of {self.name!r} started in {self.start_timeout:g} s")
             self._freed.clear()
             await wait_event(self._freed, 0.5)
+
+    def _never_ready_message(self) -> str:
+        message = (
+            f"the workers of {self.name!r} died before they were ready, {NEVER_READY_TRIES} times each; "
+            f"the last: {self._last_death}"
+        )
+        if "bootstrapping phase" in self._last_death:
+            message += (
+                f"\nA worker started with {self.start_method!r} imports your main script again: start the "
+                'workers (a Streamer, a Batcher on a ProcessBackend) under if __name__ == "__main__":'
+            )
+        return message
 
     def _start_timed_out(self, worker: _Worker) -> None:
         if worker.state is State.STARTING:
@@ -295,6 +334,7 @@ class ProcessBackend(Backend):
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "ready":
+            self._ever_ready = True
             worker.start_timer.cancel()
             self._failures[worker.slot] = 0
             self._set_idle(worker)
@@ -350,6 +390,10 @@ class ProcessBackend(Backend):
             self._spawn(worker.slot)
             return
         self._failures[worker.slot] += 1
+        last_words = worker.stderr.last_error() if worker.stderr is not None else ""
+        self._last_death = f"worker {worker.slot} {_exit_reason(worker.process)}" + (
+            f", saying:\n{last_words}" if last_words else " (it printed no error)"
+        )
         delay = min(BACKOFF_FIRST * 2 ** (self._failures[worker.slot] - 1), BACKOFF_MAX)
         log.warning("worker %s/%d %s before it was ready; restarting in %.1f s", self.name,
                     worker.slot, _exit_reason(worker.process), delay)
@@ -368,11 +412,28 @@ class ProcessBackend(Backend):
             worker.conn.send(("stop",))
         self._spawn(worker.slot)
 
+    def _on_stderr(self, worker: _Worker) -> None:
+        if not worker.stderr.read():
+            self._stop_reading_stderr(worker)  # end of file: the worker is ready (or gone)
+
+    def _stop_reading_stderr(self, worker: _Worker) -> None:
+        """Take in what is left of the worker's stderr pipe, then close it (its tail stays)."""
+        pipe = worker.stderr
+        if pipe is None or pipe.closed:
+            return
+        if self._loop is not None:
+            with _suppress_os_errors():
+                self._loop.remove_reader(pipe.fd)
+        while pipe.read(drain=True):
+            pass
+        pipe.close()
+
     def _forget(self, worker: _Worker) -> None:
         """Stop watching a worker and close our end of its pipe."""
         if worker.state is State.DEAD:
             return
         worker.state = State.DEAD
+        self._stop_reading_stderr(worker)
         if worker.start_timer is not None:
             worker.start_timer.cancel()
         if self._loop is not None:
@@ -415,6 +476,86 @@ def _default_start_method(devices: list[str]) -> str:
     if any(is_gpu(device) for device in devices):
         return "spawn"
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+#: held while this process's stderr is swapped for a starting worker's pipe, and while a
+#: worker's output is passed on to it (never into another worker's pipe)
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_to_pipe():
+    """Within: file descriptor 2 is the write end of a new pipe, which a process started now
+    takes as its stderr.  Yields ``(read end, a copy of the real stderr)``; None where there is
+    no stderr to swap."""
+    with _stderr_lock:
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield None
+            return
+        read, write = os.pipe()
+        for stream in (sys.stderr, sys.__stderr__):
+            with _suppress_os_errors():
+                if stream is not None:
+                    stream.flush()  # what this process wrote before goes where it was meant to
+        os.dup2(write, 2)
+        os.close(write)
+        try:
+            yield read, saved
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)  # a worker started meanwhile has its own copy
+
+
+class _StderrPipe:
+    """What a worker writes on stderr until it is ready: passed on to ours as it comes, the
+    tail kept, so that a worker that dies first is reported with its own last words."""
+
+    TAIL = 16_384
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.tail = bytearray()
+        self.closed = False
+        os.set_blocking(fd, False)
+
+    def read(self, drain: bool = False) -> bool:
+        """Read what is there and pass it on; False at end of file (or, with ``drain``,
+        when nothing more is there now)."""
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return not drain
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        self.tail += chunk
+        del self.tail[: -self.TAIL]
+        with _stderr_lock, _suppress_os_errors():
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(2, view):]
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with _suppress_os_errors():
+                os.close(self.fd)
+
+    def last_error(self) -> str:
+        """The exception that ended the worker (a traceback's last part), else its last line."""
+        lines = self.tail.decode("utf-8", "replace").rstrip().splitlines()
+        headers = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+        if not headers:
+            return next((line.strip() for line in reversed(lines) if line.strip()), "")
+        rest = lines[headers[-1] + 1 :]
+        for index, line in enumerate(rest):
+            if line and not line[0].isspace():  # past the frames (indented): the exception itself
+                return "\n".join(rest[index:]).strip()
+        return "\n".join(rest).strip()
 
 
 def _poll(conn: Connection) -> bool:

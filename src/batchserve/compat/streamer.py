@@ -13,6 +13,9 @@ Where service-streamer's behaviour was unsound, ours differs:
 * no call waits past ``worker_timeout``: ``predict`` and ``result()`` raise
   :class:`TimeoutError` (``DeadlineExceededError``) then, even with ``result(timeout=None)``;
 * a worker process that dies is restarted, and its batch is retried once on another;
+  workers that die before any was ever ready (a spawned worker re-running a script that
+  lacks ``if __name__ == "__main__":``) fail the start with their own error, where
+  service-streamer restarted them forever;
 * GPU 0 is a GPU: ``cuda_devices=(0, 1)`` puts workers on GPUs 0 and 1, and each worker's
   ``CUDA_VISIBLE_DEVICES`` is set before it imports anything;
 * a lone request does not wait ``max_latency``; batches form while the model is busy.
