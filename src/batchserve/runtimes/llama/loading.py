@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from batchserve.cache import default_cache_dir, file_key
+from batchserve.cache import default_cache_dir, file_key, write_entry
 
 log = logging.getLogger("batchserve.generation")
 
@@ -32,20 +30,16 @@ def load_gguf_tokenizer(gguf: Path, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     target = tokenizer_dir(gguf, Path(cache_dir) if cache_dir else default_cache_dir())
-    if (target / "tokenizer_config.json").is_file():
+    if has_tokenizer(target):
         return AutoTokenizer.from_pretrained(target, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    except OSError as error:  # a read-only cache: build it again next time
+        write_entry(target, tokenizer.save_pretrained, has_tokenizer)
+    except OSError as error:  # a read-only or full cache: build it again next time
         log.warning("cannot cache the tokenizer of %s under %s: %s", gguf.name, target.parent, error)
-        return tokenizer
-    try:
-        tokenizer.save_pretrained(scratch)
-        scratch.rename(target)
-    except OSError:  # another process finished first (or the disk refused): theirs, or none, is fine
-        pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return tokenizer
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete saved tokenizer."""
+    return (directory / "tokenizer_config.json").is_file()

@@ -14,9 +14,10 @@ cosine between int8 and fp32 embeddings of the calibration texts shipped in the 
 
 Cache entries are directories named by a key over the model file (path, size, mtime), the
 exporter's versions (torch, transformers, onnxruntime, :data:`EXPORT_FORMAT`) and the
-precision.  Each is written into a temporary sibling and renamed when complete; its
-``manifest.json`` repeats the key's facts and the graph file's size, and an entry whose
-manifest is missing, differs, or whose graph file has another size is exported again.
+precision.  Each is written by :func:`batchserve.cache.write_entry` (a temporary sibling,
+renamed when complete); its ``manifest.json`` repeats the key's facts and the graph file's
+size, and an entry whose manifest is missing, differs, or whose graph file has another size
+is exported again.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.cache import default_cache_dir
+from batchserve.cache import default_cache_dir, write_entry
 from batchserve.runtimes.base import EncoderRuntime
 
 log = logging.getLogger("batchserve.runtimes")
@@ -147,26 +146,17 @@ def _weights_file(root: Path) -> Path:
 
 
 def _write_entry(key: dict[str, Any], cache_dir: Path, build) -> Path:
-    """Run ``build(graph_path)`` in a temporary sibling of the entry, then rename it into place."""
+    """Run ``build(graph_path)`` into a new cache entry (:func:`~batchserve.cache.write_entry`)
+    with its manifest; an entry another process completed meanwhile is used as it is."""
     entry = entry_dir(key, cache_dir)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    if cached_graph(key, cache_dir) is not None:  # another process wrote it meanwhile
-        return entry / GRAPH
-    if entry.exists():  # incomplete or stale under the same name: replace it
-        shutil.rmtree(entry, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+
+    def write(scratch: Path) -> None:
         graph = scratch / GRAPH
         build(graph)
         manifest = {"key": key, "bytes": graph.stat().st_size}
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        try:
-            scratch.rename(entry)
-        except OSError:  # another process finished first: use theirs if it is whole
-            if cached_graph(key, cache_dir) is None:
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+    write_entry(entry, write, lambda _: cached_graph(key, cache_dir) is not None)
     return entry / GRAPH
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchserve.cache import default_cache_dir, file_key
+from batchserve.cache import default_cache_dir, file_key, write_entry
 from batchserve.runtimes.bundled import BUNDLED_NAME, bundled_gguf_path
 
 log = logging.getLogger("batchserve.generation")
@@ -43,34 +41,33 @@ def converted_dir(gguf: Path, cache_dir: Path) -> Path:
 def dequantize_gguf(gguf: Path, target: Path) -> float:
     """Write the GGUF model (float32 weights) and its tokenizer to ``target``; returns seconds.
 
-    Written to a temporary sibling then renamed, so concurrent processes never see half a copy.
+    A cache entry (:func:`~batchserve.cache.write_entry`): concurrent processes never see
+    half a copy, and the first to finish wins.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(scratch: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # the weights are dequantized already; drop the GGUF marker so the copy is a plain checkpoint
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-        try:
-            scratch.rename(target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+    started = time.perf_counter()
+    write_entry(target, build, is_converted)
     return time.perf_counter() - started
+
+
+def is_converted(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete converted model."""
+    return (directory / "config.json").is_file()
 
 
 def ensure_converted(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, float | None]:
     """The safetensors directory for ``gguf``, converting it first if needed."""
     target = converted_dir(gguf, Path(cache_dir) if cache_dir else default_cache_dir())
-    if (target / "config.json").is_file():
+    if is_converted(target):
         return target, None
     log.warning("dequantizing %s into %s (once)", gguf.name, target)
     seconds = dequantize_gguf(gguf, target)
