@@ -53,7 +53,12 @@ def _llama_cpp_loads() -> bool:
 
 
 class GenerationHost:
-    """The loaded model and its engine, shared by every app of this process that generates."""
+    """The loaded model and its engine, shared by every app of this process that generates.
+
+    Each service using it calls :meth:`start` and :meth:`close`; the model loads at the
+    first start and its engine stops at the last close, after which a start loads it anew
+    (a test client, or a server started twice in one process, starts the same apps again).
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -66,16 +71,27 @@ class GenerationHost:
         self.engine: GenerationEngine | None = None
         self.load_info: dict[str, Any] = {}
         self.collector = GenerationCollector(self)
-        self._loading: asyncio.Future | None = None
+        self.key = host_key(settings)
+        self._loading: asyncio.Task | None = None
         self._users = 0
 
     async def start(self) -> None:
         self._users += 1
+        _hosts.setdefault(self.key, self)  # in use again after a close: the one apps built now share
         if self._loading is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+            self._loading = asyncio.ensure_future(self._load_and_keep())
         await asyncio.shield(self._loading)
 
-    def _load(self) -> None:
+    async def _load_and_keep(self) -> None:
+        lm, engine = await asyncio.to_thread(self._load)
+        if self._loading is not asyncio.current_task():  # closed while it loaded: nobody is left to use it
+            await asyncio.to_thread(engine.stop)
+            return
+        self.lm = lm
+        self.load_info = {**lm.describe(), **lm.load_info}
+        self.engine = engine
+
+    def _load(self) -> tuple[CausalLM, GenerationEngine]:
         generation = self.settings.generation
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
         lm = self.runtime.load(
@@ -90,15 +106,21 @@ class GenerationHost:
             limits.max_kv_tokens = min(limits.max_kv_tokens, lm.max_kv_tokens)
         engine = GenerationEngine(lm, limits)
         engine.start()
-        self.lm = lm
-        self.load_info = {**lm.describe(), **lm.load_info}
         log.info("generation model %s loaded by the %s runtime in %.2f s", lm.model_name, lm.name, lm.load_info.get("load_seconds", 0.0))
-        self.engine = engine
+        return lm, engine
 
     async def close(self) -> None:
+        """One user fewer; at the last, stop the engine and forget the model (a later start loads it)."""
         self._users -= 1
-        if self._users <= 0 and self.engine is not None:
-            engine, self.engine = self.engine, None
+        if self._users > 0:
+            return
+        self._users = 0
+        if _hosts.get(self.key) is self:
+            del _hosts[self.key]
+        self._loading = None  # a load still under way stops its engine when it ends
+        engine, self.engine = self.engine, None
+        self.lm, self.load_info = None, {}
+        if engine is not None:
             await asyncio.to_thread(engine.stop)
 
     def ready(self) -> bool:
@@ -122,12 +144,18 @@ class GenerationHost:
         return {**engine, **self.load_info, **({"prefix_cache": cache} if cache is not None else {})}
 
 
+#: the hosts of this process that apps share, by their generation settings: a host is here from
+#: when an app is built on it until its last user closes (and again when it starts again)
 _hosts: dict[tuple, GenerationHost] = {}
+
+
+def host_key(settings: Settings) -> tuple:
+    return tuple(settings.generation.model_dump().items())
 
 
 def host_for(settings: Settings) -> GenerationHost:
     """One host per model in a process, whichever apps ask for it."""
-    key = tuple(settings.generation.model_dump().items())
+    key = host_key(settings)
     if key not in _hosts:
         _hosts[key] = GenerationHost(settings)
     return _hosts[key]
