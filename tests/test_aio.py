@@ -1,4 +1,5 @@
-"""SharedWork: identical work of concurrent callers done once."""
+"""SharedWork: identical work of concurrent callers done once.  LoopThread: a loop of its own
+for sync callers, ended as asyncio.run ends its own."""
 
 from __future__ import annotations
 
@@ -77,3 +78,66 @@ async def test_a_caller_leaving_leaves_the_work_to_the_others_and_the_last_one_c
         await second
     await settle()
     assert work.cancelled == 1 and len(shared) == 0
+
+
+# --------------------------------------------------------------------------- LoopThread
+
+
+def test_a_loop_thread_runs_coroutines_on_its_own_loop_and_thread():
+    import threading
+
+    from batchserve.aio import LoopThread
+
+    async def where(value):
+        await asyncio.sleep(0)
+        return value, threading.current_thread().name, asyncio.get_running_loop()
+
+    async def fail():
+        raise ValueError("from the loop")
+
+    loop_thread = LoopThread(name="batchserve-test")
+    try:
+        assert loop_thread.is_alive()
+        value, thread_name, loop = loop_thread.run(where(7))
+        assert (value, thread_name, loop) == (7, "batchserve-test", loop_thread.loop)
+        assert loop_thread.submit(where(8)).result(timeout=5)[0] == 8
+        with pytest.raises(ValueError, match="from the loop"):
+            loop_thread.run(fail())
+    finally:
+        loop_thread.stop()
+    assert not loop_thread.is_alive() and loop_thread.loop.is_closed()
+
+
+def test_stopping_a_loop_thread_cancels_and_awaits_what_still_runs_there():
+    from batchserve.aio import LoopThread
+
+    ended: list[str] = []
+
+    async def forever():
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.01)  # a cleanup that awaits still gets to run
+            ended.append("task")
+
+    async def numbers():
+        try:
+            yield 1
+            yield 2
+        finally:
+            ended.append("generator")
+
+    async def start_both():
+        asyncio.get_running_loop().create_task(forever())
+        generator = numbers()
+        await generator.__anext__()  # suspended inside its try: closed at stop
+        keep.append(generator)
+        await asyncio.sleep(0.01)
+
+    keep: list = []
+    loop_thread = LoopThread()
+    loop_thread.run(start_both())
+    loop_thread.stop()
+    assert sorted(ended) == ["generator", "task"]
+    assert not loop_thread.is_alive() and loop_thread.loop.is_closed()
+    loop_thread.stop()  # again: nothing to do

@@ -181,7 +181,7 @@ def test_a_freed_instance_takes_its_batcher_and_thread_with_it():
     scaler = Scaler(2)
     assert scaler.predict(5) == 10
     batcher = scaler.predict.batcher
-    thread = batcher._own_thread
+    thread = batcher._loop_thread.thread
     assert thread is not None and thread.is_alive()
     freed = weakref.ref(scaler)
     del scaler
@@ -309,7 +309,7 @@ def test_a_stopped_function_refuses_calls_and_leaves_no_thread():
         return items
 
     assert echo(1) == 1
-    thread = echo.batcher._own_thread
+    thread = echo.batcher._loop_thread.thread
     echo.stop()
     assert not thread.is_alive()
     with pytest.raises(NotReadyError, match="echo was stopped"):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Hashable, TypeVar
+import concurrent.futures
+import logging
+import threading
+from typing import Any, Awaitable, Callable, Coroutine, Hashable, TypeVar
+
+log = logging.getLogger("batchserve.aio")
 
 T = TypeVar("T")
 
@@ -15,6 +20,60 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread of its own: how code that is not async
+    (a sync caller of a :class:`~batchserve.batching.Batcher`) gets a loop to run on.
+
+    The thread starts at once.  :meth:`submit` runs a coroutine there from any other thread
+    (a ``concurrent.futures.Future``), :meth:`run` blocks for its result.  :meth:`stop` ends
+    the loop as ``asyncio.run`` ends its own (every task still running there cancelled and
+    awaited, async generators closed), then stops it, joins the thread and closes the loop.
+    """
+
+    def __init__(self, name: str = "batchserve-loop"):
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on this loop; call from another thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on this loop and wait for its result (or its error)."""
+        return self.submit(coroutine).result()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs here, stop the loop, join the thread, close the loop.
+
+        Idempotent; call from any thread but this loop's.  Tasks that ignore their
+        cancellation for ``timeout`` s are logged and left (the loop then stays open)."""
+        if self.loop.is_closed():
+            return
+        if self.thread.is_alive():
+            try:
+                self.submit(_cancel_other_tasks()).result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                log.warning("tasks on loop thread %r did not end within %g s of being cancelled", self.name, timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every task of the running loop but this one, and wait until they end."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 class SharedWork:

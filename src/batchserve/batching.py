@@ -31,8 +31,8 @@ A :class:`Batcher` merges the items of concurrent callers into mini-batches for 
 Three ways to call one batcher: ``await submit(items)``, ``submit_future(items)`` (a
 ``concurrent.futures.Future``) and ``predict(items)`` (blocking, from any thread).  The
 batcher runs on one asyncio loop: the caller's, when started with ``await start()``, or
-a private loop in a daemon thread otherwise (stopped at interpreter exit if the caller
-did not stop it).
+a private loop in a daemon thread otherwise (:class:`~batchserve.aio.LoopThread`, stopped
+at interpreter exit if the caller did not stop it).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from batchserve.aio import wait_event
+from batchserve.aio import LoopThread, wait_event
 from batchserve.backends.base import Backend, batch_deadline
 from batchserve.backends.registry import as_backend
 from batchserve.errors import (
@@ -267,8 +267,7 @@ class Batcher:
         self._queued_items = 0
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._own_thread: threading.Thread | None = None
-        self._own_loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: LoopThread | None = None  # the private loop of sync callers
         self._start_lock = threading.Lock()
         self._started: concurrent.futures.Future | None = None
         self._accepting = False
@@ -346,16 +345,12 @@ class Batcher:
                 started = self._started
             else:
                 started = None
-                loop = self._own_loop = asyncio.new_event_loop()
-                self._own_thread = threading.Thread(
-                    target=loop.run_forever, name=f"batchserve-{self.name}", daemon=True
-                )
-                self._own_thread.start()
+                loop_thread = self._loop_thread = LoopThread(name=f"batchserve-{self.name}")
                 _on_private_loops.add(self)
         if started is not None:
             started.result()
             return
-        asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+        loop_thread.run(self.start())
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; wait up to ``grace`` s for queued and running work; stop."""
@@ -370,7 +365,8 @@ class Batcher:
     def stop(self, grace: float = 0.0) -> None:
         """Blocking :meth:`close`, from any thread but the batcher's own loop."""
         loop = self._loop
-        if loop is not None and not loop.is_closed() and (loop is not self._own_loop or self._own_thread.is_alive()):
+        own = self._loop_thread
+        if loop is not None and not loop.is_closed() and (own is None or loop is not own.loop or own.is_alive()):
             asyncio.run_coroutine_threadsafe(self._close_here(grace), loop).result()
         self._stop_own_thread()
 
@@ -390,21 +386,10 @@ class Batcher:
         await self.backend.close()
 
     def _stop_own_thread(self) -> None:
-        """End the private loop as ``asyncio.run`` ends its own: cancel and await whatever
-        still runs there, stop the loop, join its thread, close the loop."""
+        """End the private loop, if this batcher has one (:meth:`LoopThread.stop`)."""
         _on_private_loops.discard(self)
-        thread, loop = self._own_thread, self._own_loop
-        if thread is None or loop is None or loop.is_closed():
-            return
-        if thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), loop).result(timeout=5)
-            except concurrent.futures.TimeoutError:
-                log.warning("tasks of batcher %r did not end within 5 s of being cancelled", self.name)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=5)
-        if not thread.is_alive():
-            loop.close()
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
 
     def __enter__(self) -> "Batcher":
         self.start_in_thread()
@@ -705,15 +690,6 @@ def _model_error(error: Exception) -> ModelError:
 def _fail_all(batch: Batch, error: BaseException) -> None:
     for request, _ in batch:
         request.fail(error)
-
-
-async def _cancel_other_tasks() -> None:
-    """Cancel every task of the running loop but this one, and wait until they end."""
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
