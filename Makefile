@@ -31,8 +31,11 @@ system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# where `make run` listens (tests/test_readme.py runs it on a free port)
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: venv
-	$(BIN)/batchserve serve --host 127.0.0.1 --port 8000
+	$(BIN)/batchserve serve --host $(HOST) --port $(PORT)
 
 test: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
