@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -236,7 +237,7 @@ class LoadAverage:
 
 
 def publish(text: str, write: bool = True) -> None:
-    """Print a benchmark's section and, unless told not to, append it to RESULTS.md."""
+    """Print a benchmark's section and, unless told not to, put it in RESULTS.md (replacing its last run's)."""
     print(text)
     if write:
         append_results(text)
@@ -260,17 +261,48 @@ def _cell(value) -> str:
     return str(value)
 
 
+def section_key(section: str) -> str | None:
+    """What identifies a benchmark's section: its ``## `` title without the date after " — " and
+    without a parenthesized label at its end (``Soak (`make soak`)`` → ``Soak``); None without one."""
+    match = re.match(r"## (.+)", section.lstrip())
+    if not match:
+        return None
+    title = match.group(1).split(" — ")[0].strip()
+    return re.sub(r"\s*\([^()]*\)$", "", title)
+
+
+def replace_section(results: str, section: str) -> str:
+    """``results`` with ``section`` in place of the section of the same benchmark, else added last.
+
+    RESULTS.md keeps one current section per benchmark (older runs are in git history): sections
+    start at ``## `` headings and are matched by :func:`section_key`; the preamble before the
+    first one, and sections no benchmark writes (the headline table), are never touched.
+    """
+    section = section.strip() + "\n"
+    parts = re.split(r"(?m)^(?=## )", results)
+    preamble, sections = parts[0], parts[1:]
+    key = section_key(section)
+    for index, old in enumerate(sections):
+        if key is not None and section_key(old) == key:
+            sections[index] = section + ("\n" if index < len(sections) - 1 else "")
+            return preamble + "".join(sections)
+    if sections and not sections[-1].endswith("\n\n"):
+        sections[-1] = sections[-1].rstrip("\n") + "\n\n"
+    elif not sections and not preamble.endswith("\n\n"):
+        preamble = preamble.rstrip("\n") + "\n\n"
+    return preamble + "".join(sections) + section
+
+
 def append_results(section: str) -> None:
-    """Add a section to RESULTS.md (newest last), creating the file with its preamble."""
+    """Put a section into RESULTS.md in place of its benchmark's last one (see :func:`replace_section`)."""
     if not RESULTS.exists():
         RESULTS.write_text(
             "# Benchmark results\n\n"
-            "Rows are appended by `make bench` (benchmarks/bench_core.py) and `make bench-compare`\n"
-            "(benchmarks/compare.py). Each section says when, on what machine and with which\n"
-            "command it was measured; compare figures only within one section (one run).\n"
+            "One section per benchmark, its latest run: a script replaces its own section when it runs\n"
+            "again; older runs are in git history.\n"
         )
-    with open(RESULTS, "a") as results:
-        results.write("\n" + section.rstrip() + "\n")
+    RESULTS.write_text(replace_section(RESULTS.read_text(), section))
+    print(f"{RESULTS.relative_to(ROOT)}: section '{section_key(section)}' written; update its row of the headline table by hand")
 
 
 def latency(summary: dict, name: str) -> float | None:
