@@ -173,6 +173,42 @@ def test_a_device_that_is_not_here_exits_2_with_one_line_before_anything_starts(
     assert len(lines) == 1 and says in lines[0], result.stderr
 
 
+@pytest.mark.parametrize(
+    "bug", [TypeError("unsupported operand type(s)"), AttributeError("'NoneType' object has no attribute 'x'"),
+            ModuleNotFoundError("No module named 'batchserve.nothing'", name="batchserve.nothing")],
+)
+def test_a_bug_is_not_a_user_error_it_keeps_its_traceback(monkeypatch, bug):
+    import batchserve.server.app
+
+    def broken(settings):
+        raise bug
+
+    monkeypatch.setattr(batchserve.server.app, "create_app", broken)
+    result = CliRunner().invoke(cli.app, ["serve"])
+    assert result.exception is bug  # raised on (typer prints it with its traceback), not "batchserve: ..." and 2
+    assert "batchserve: " not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "reference, says",
+    [
+        ("no_such_module_here:predict", "--model no_such_module_here:predict: cannot import no_such_module_here: No module named 'no_such_module_here'"),
+        ("needs_a_package:predict", "--model needs_a_package:predict: cannot import needs_a_package: No module named 'package_not_installed'"),
+        ("tests.fakes:missing", "--model tests.fakes:missing: module tests.fakes has no attribute 'missing'"),
+        ("tests.fakes:echo.nope", "--model tests.fakes:echo.nope: tests.fakes:echo has no attribute 'nope'"),
+        ("tests.fakes", "--model tests.fakes: expected 'module:attribute', got 'tests.fakes'"),
+        ("tests.fakes:__name__", "--model tests.fakes:__name__: cannot use 'tests.fakes' as a model: give a function or an object with predict()"),
+    ],
+)
+def test_a_bad_model_reference_is_a_user_error_of_one_line(monkeypatch, tmp_path, reference, says):
+    (tmp_path / "needs_a_package.py").write_text("import package_not_installed\n")
+    monkeypatch.chdir(tmp_path)  # where --model modules are looked for, as by the real command
+    monkeypatch.setattr("batchserve.server.run.serve", lambda *args: pytest.fail("served a bad --model"))
+    result = CliRunner().invoke(cli.app, ["serve", "--model", reference])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [f"batchserve: {says}"]
+
+
 # --------------------------------------------------------------------------- the real command
 
 

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from batchserve.errors import ConfigError
 from batchserve.model import Model, ModelSpec, as_model, import_object, model_name
 from tests.fakes import Greeter, RecordingModel, double
 
@@ -89,9 +90,9 @@ def test_a_module_in_the_working_directory_can_be_named(tmp_path, monkeypatch):
         ("tests.fakes", ValueError, "expected 'module:attribute'"),
         (":double", ValueError, "expected 'module:attribute'"),
         ("tests.fakes:", ValueError, "expected 'module:attribute'"),
-        ("tests.no_such_module:double", ModuleNotFoundError, "tests.no_such_module"),
-        ("tests.fakes:no_such_model", AttributeError, "no_such_model"),
-        ("tests.fakes:Greeter.no_such_method", AttributeError, "no_such_method"),
+        ("tests.no_such_module:double", ConfigError, "cannot import tests.no_such_module: No module named"),
+        ("tests.fakes:no_such_model", ConfigError, "module tests.fakes has no attribute 'no_such_model'"),
+        ("tests.fakes:Greeter.no_such_method", ConfigError, "tests.fakes:Greeter has no attribute 'no_such_method'"),
     ],
 )
 def test_bad_references_say_what_is_wrong(reference, error, says):

@@ -51,10 +51,18 @@ def option(name: str, *flags: str, help: str | None = None, show_default: bool |
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """A bad --app, --model or setting: one line on stderr and exit status 2, no traceback."""
+    """What the user caused: one line on stderr and exit status 2, no traceback.
+
+    That is a value refused (``ValueError``: settings, devices, files named by a flag, and
+    :class:`~batchserve.errors.ConfigError`, which a ``--model`` that cannot be imported or
+    used becomes) or a missing extra.  Anything else (a ``TypeError``, an ``AttributeError``,
+    an ``ImportError`` of batchserve's own) is a bug, and keeps its traceback.
+    """
+    from batchserve.extras import MissingExtraError
+
     try:
         yield
-    except (ValueError, ImportError, AttributeError, TypeError) as error:
+    except (ValueError, MissingExtraError) as error:
         typer.echo(f"batchserve: {error}", err=True)
         raise typer.Exit(2) from None
 

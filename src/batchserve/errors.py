@@ -84,6 +84,17 @@ class ModelNotFoundError(BatchserveError):
     param = "model"
 
 
+class ConfigError(BatchserveError, ValueError):
+    """What the user gave cannot be used: a setting, a file, a ``module:attr`` model reference
+    (its module missing or failing to import, the attribute absent, not a model).
+
+    The command line reports it as one line and exit status 2; an error of any other kind
+    is a bug and keeps its traceback.
+    """
+
+    kind = "config"
+
+
 class ClientDisconnectedError(BatchserveError):
     """The HTTP client went away before its answer was ready; its work was dropped.
 

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from batchserve.errors import ConfigError
+
 
 @runtime_checkable
 class Model(Protocol):
@@ -68,15 +70,26 @@ class ObjectModel:
 
 
 def import_object(reference: str) -> Any:
-    """Import ``"package.module:attribute"``, looking in the working directory too."""
+    """Import ``"package.module:attribute"``, looking in the working directory too.
+
+    A reference that cannot be followed (its form, a module that is missing or whose own
+    imports fail, an attribute it lacks) is the caller's :class:`ConfigError`; any other
+    exception the module raises while it is imported is a bug in it, and goes through."""
     module_name, sep, attribute = reference.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"expected 'module:attribute', got {reference!r}")
+        raise ConfigError(f"expected 'module:attribute', got {reference!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"cannot import {module_name}: {error}") from error
+    for depth, part in enumerate(attribute.split(".")):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            owner = module_name if depth == 0 else f"{module_name}:{'.'.join(attribute.split('.')[:depth])}"
+            raise ConfigError(f"{'module ' if depth == 0 else ''}{owner} has no attribute {part!r}") from None
     return target
 
 

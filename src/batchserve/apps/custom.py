@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from batchserve.apps.base import Service, deadline_dependency, make_batcher
 from batchserve.batching import Batcher
+from batchserve.errors import ConfigError
 from batchserve.model import ModelSpec, as_model, import_object, model_name
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.json_route import JSONBodyRoute
@@ -72,8 +73,13 @@ def models(settings: Settings) -> dict[str, ModelSpec]:
         name, reference = parse_model_option(option)
         if name in specs:
             raise ValueError(f"two models are named {name!r}; name them with name=module:attr")
-        target = import_object(reference)  # fail fast, before the server starts
-        as_model(target)
+        try:  # fail fast, before the server starts
+            target = import_object(reference)
+            if isinstance(target, str):  # as_model would read it as another reference
+                raise TypeError(f"cannot use {target!r} as a model: give a function or an object with predict()")
+            as_model(target)
+        except (ConfigError, TypeError) as error:
+            raise ConfigError(f"--model {option}: {error}") from None
         specs[name] = ModelSpec(reference)
     return specs
 
