@@ -14,8 +14,8 @@ The README's blocks are read in order and grouped into steps, each run by one ru
   must appear in the output, in order;
 * ``make run`` is started (``HOST``, ``PORT`` set; its ``venv`` prerequisite not remade: see
   :data:`MAKE_RULES`), checked ready, and stopped;
-* a command that cannot run inside the suite is skipped by a rule named in :data:`NOT_RUN`, and
-  reported; any other block or command this file cannot run fails the test.
+* a command that cannot run inside the suite is skipped by its rule in :data:`NOT_RUN` (pytest
+  reports the skip and the reason); any other block or command this file cannot run fails.
 
 The README also stays a first page: at most 250 lines, and every link into the repository
 resolves (anchors included).
@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,7 @@ MODULE_HEADER = re.compile(r"^# (?P<name>[\w]+\.py)\n")
 PORT_IN_TEXT = re.compile(r"\b(localhost|127\.0\.0\.1):8000\b")
 EXPECTED = "# -> "
 
-#: commands the suite does not run, each with the reason (reported as a warning when met)
+#: commands the suite does not run, each with the reason (the test's skip message)
 NOT_RUN = {
     "make test": "it runs this very suite (and installs system packages): a suite cannot run itself",
 }
@@ -85,15 +84,22 @@ class Step:
     """Blocks run together: modules, then a shell block, then the python clients of its server."""
 
     kind: str  # "make", "script", "shell"
+    command: str = ""  # for "make": the one make command of this step
     shell: Block | None = None
     script: Block | None = None
     modules: list[Block] = field(default_factory=list)
     clients: list[Block] = field(default_factory=list)
 
     @property
+    def blocks(self) -> list[Block]:
+        return [*self.modules, *(block for block in (self.shell, self.script) if block), *self.clients]
+
+    @property
     def id(self) -> str:
         first = self.shell or self.script
         assert first is not None
+        if self.kind == "make":
+            return f"line-{first.line}-{self.command.replace(' ', '-')}"
         return f"line-{first.line}-{self.kind}"
 
 
@@ -135,8 +141,13 @@ def is_server(command: str) -> bool:
     return command.startswith("batchserve serve")
 
 
+def bare(command: str) -> str:
+    """The command without its comment."""
+    return command.split("#")[0].strip()
+
+
 def is_make(command: str) -> bool:
-    return command.split("#")[0].strip() in MAKE_RULES or command.split("#")[0].strip() in NOT_RUN
+    return bare(command) in MAKE_RULES or bare(command) in NOT_RUN
 
 
 def steps(blocks: list[Block] | None = None) -> list[Step]:
@@ -157,7 +168,7 @@ def steps(blocks: list[Block] | None = None) -> list[Step]:
         elif block.lang in ("bash", "sh", "shell"):
             cmds = [command for command, _ in commands(block.code)]
             if cmds and all(is_make(command) for command in cmds):
-                result.append(Step("make", shell=block))
+                result.extend(Step("make", shell=block, command=bare(command)) for command in cmds)
                 serving = None
                 continue
             if sum(is_server(command) for command in cmds) != 1 or not is_server(cmds[0]):
@@ -303,14 +314,14 @@ def test_readme_is_a_first_page():
 
 
 def test_every_block_is_run_by_a_rule():
-    """Each block belongs to exactly one step, and the steps cover the README's commands."""
-    covered = [
-        block.line
-        for step in STEPS
-        for block in [*step.modules, *([step.shell] if step.shell else []), *([step.script] if step.script else []), *step.clients]
-    ]
-    assert sorted(covered) == [block.line for block in readme_blocks()]
-    assert any(step.kind == "make" for step in STEPS), "the README lost its two commands"
+    """Each block belongs to one step (a block of make commands: one step per command)."""
+    lines = [block.line for step in STEPS if step.kind != "make" for block in step.blocks]
+    make_lines = {block.line for step in STEPS if step.kind == "make" for block in step.blocks}
+    assert len(lines) == len(set(lines)) and not set(lines) & make_lines, "a block is run by two steps"
+    assert sorted(set(lines) | make_lines) == [block.line for block in readme_blocks()]
+    assert {step.command for step in STEPS if step.kind == "make"} >= {"make run", "make test"}, (
+        "the README lost its two commands"
+    )
 
 
 @pytest.mark.parametrize("step", STEPS, ids=[step.id for step in STEPS])
@@ -320,25 +331,22 @@ def test_readme_step(step: Step, tmp_path: Path, processes):
         run_script(step.script, tmp_path)
     elif step.kind == "make":
         assert step.shell is not None
-        run_make_block(step.shell, tmp_path, processes)
+        run_make_block(step.shell, step.command, tmp_path, processes)
     else:
         run_shell_step(step, tmp_path, processes)
 
 
-def run_make_block(block: Block, directory: Path, processes) -> None:
-    for command, _ in commands(block.code):
-        command = command.split("#")[0].strip()
-        if command in NOT_RUN:
-            warnings.warn(f"README line {block.line}: `{command}` not run: {NOT_RUN[command]}", stacklevel=1)
-            continue
-        template, _why = MAKE_RULES[command]
-        port = free_port()
-        log = directory / "make.log"
-        process = processes(shlex.split(template.format(port=port)), ROOT, log)
-        wait_ready(process, port, log)
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-        stop(process)
-        assert process.returncode is not None
+def run_make_block(block: Block, command: str, directory: Path, processes) -> None:
+    if command in NOT_RUN:
+        pytest.skip(f"README line {block.line}: `{command}` is not run here: {NOT_RUN[command]}")
+    template, _why = MAKE_RULES[command]
+    port = free_port()
+    log = directory / "make.log"
+    process = processes(shlex.split(template.format(port=port)), ROOT, log)
+    wait_ready(process, port, log)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    stop(process)
+    assert process.returncode is not None
 
 
 def run_shell_step(step: Step, directory: Path, processes) -> None:
@@ -412,3 +420,9 @@ def test_commands_split_as_the_shell_would():
         ("curl -s x -d '{\"a\":\n  1}'", '{"a"...1}'),
         ("ls \\\n  -l", None),
     ]
+
+
+def test_expected_output_is_matched_in_order():
+    assert_shows('{"text":"twinkle twinkle little star.","fills":[]}', '{"text":"twinkle...little star."...', "curl")
+    with pytest.raises(AssertionError, match="lacks"):
+        assert_shows('{"b":2,"a":1}', '"a"..."b"', "curl")

@@ -2,8 +2,8 @@
 
 Every option of ``serve`` and ``worker`` is built from its field in :mod:`batchserve.settings`
 (default, bounds, help), and ``bench``'s are declared in :mod:`batchserve.cli`; this module reads
-them back from the click commands, so a table in the docs says exactly what ``--help`` says and
-no default is restated by hand.  A docs page marks each table's place with a pair of comments::
+them back from the command functions' typer parameters (flags, default, help), so a table in the
+docs says what ``--help`` says and no default is restated by hand.  A docs page marks each table's place with a pair of comments::
 
     <!-- options: serve -->
     ...the generated table...
