@@ -177,7 +177,7 @@ def bench(
     import orjson
     from rich.console import Console
 
-    from batchserve.bench import TEMPLATES, render, run_bench
+    from batchserve.bench import TEMPLATES, NotServedError, render, run_bench
 
     if app_name not in TEMPLATES:
         raise typer.BadParameter(f"choose one of {', '.join(TEMPLATES)}", param_hint="--app")
@@ -190,6 +190,9 @@ def bench(
             duration=duration, requests=requests, timeout=timeout,
             console=progress_console if progress_console.is_terminal else None,
         )
+    except NotServedError as error:  # the server's own answer: what it serves, not a bad option
+        typer.echo(f"batchserve bench: {error}", err=True)
+        raise typer.Exit(2) from None
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     if json_output:

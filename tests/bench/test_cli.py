@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,6 +101,20 @@ def test_unreachable_target_fails_with_connection_errors():
     summary = json.loads(finished.stdout)
     assert summary["ok"] == 0 and summary["errors"] == {"ConnectError": 3}
     assert summary["batch_sizes"] is None
+
+
+def test_a_path_the_server_does_not_serve_is_named_with_what_it_serves(fake_server):
+    # the README's step 6 against a server without the embeddings app: a whole run of 404s before
+    command = [sys.executable, "-m", "batchserve.cli", "bench", fake_server.url, "--duration", "30"]
+    started = time.monotonic()
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 20  # refused after one request, not after the run
+    assert finished.returncode == 2 and finished.stdout == ""
+    said = finished.stderr
+    assert said.startswith("batchserve bench: POST /v1/embeddings answered 404: "), said
+    assert "It serves POST /models/{name}/predict." in said
+    assert f"Its models (GET /v1/models): {MODEL}." in said
+    assert f"--app custom --model {MODEL}" in said
 
 
 # --------------------------------------------------------------------------- pieces

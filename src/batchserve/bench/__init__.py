@@ -7,12 +7,13 @@ sizes) → report (the figures).
 from batchserve.bench.bodies import TEMPLATES, request_bodies, sentences
 from batchserve.bench.load import LoadPlan, LoadResult, Outcome, run_load
 from batchserve.bench.report import Summary, render, summarize
-from batchserve.bench.run import run_bench
+from batchserve.bench.run import NotServedError, run_bench
 
 __all__ = [
     "TEMPLATES",
     "LoadPlan",
     "LoadResult",
+    "NotServedError",
     "Outcome",
     "Summary",
     "render",
