@@ -2,9 +2,9 @@
 
 The data path: ``engine`` (the running batch, in its own thread) schedules and a causal-LM
 runtime (:mod:`batchserve.runtimes`: the model, its KV cache, its passes) executes; the
-engine draws tokens with ``sampling`` and turns them into streamable text with
-``detokenize``; ``request`` is what the asyncio side holds; ``scoring`` scores texts
-through the runtime (infill).
+engine draws tokens with ``sampling`` and turns each row's into streamable text with
+``text`` (stop strings, finish reasons; over ``detokenize``); ``request`` is what the
+asyncio side holds; ``scoring`` scores texts through the runtime (infill).
 """
 
 from batchserve.generation.engine import EngineLimits, GenerationEngine

@@ -7,7 +7,8 @@ Every loop iteration of the engine thread:
    their prompts in one pass and fork each prompt's sequence ``n - 1`` times (the
    alternatives share the prefill), samples their first tokens;
 3. has the runtime decode one token for every running row, samples each row with its own
-   parameters, streams the new text and releases the sequences of finished rows.
+   parameters, streams the new text (each row's :class:`~batchserve.generation.text.ChoiceText`:
+   detokenizing, stop strings, finish reasons) and releases the sequences of finished rows.
 
 The engine schedules; a :class:`~batchserve.runtimes.base.CausalLM` executes (its KV
 cache, positions and passes are the runtime's business).
@@ -28,14 +29,14 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
-from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
-from batchserve.generation.request import ChoiceDelta, GenerationRequest, error_for
+from batchserve.generation.request import GenerationRequest, error_for
 from batchserve.generation.sampling import SamplingParams, row_generator, sample
+from batchserve.generation.text import ChoiceText
 from batchserve.procinfo import release_free_heap
 from batchserve.runtimes.base import CausalLM
 
@@ -63,17 +64,16 @@ class Row:
     choice: int
     seq_id: int  # the runtime's sequence
     generator: torch.Generator
-    decoder: IncrementalDecoder
-    stops: StopMatcher
+    text: ChoiceText  # its tokens, their text, and whether and why it finished
     length: int  # tokens of this sequence so far (prompt + generated)
-    generated: list[int] = field(default_factory=list)
-    reported: int = 0  # generated tokens already sent in a delta
-    held: list[str] = field(default_factory=list)  # text not sent yet (a request not streamed)
-    finish_reason: str | None = None
 
     @property
     def last_token(self) -> int:
-        return self.generated[-1]
+        return self.text.tokens[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.text.finish_reason is not None
 
 
 class GenerationEngine:
@@ -336,8 +336,7 @@ class GenerationEngine:
                     choice=choice,
                     seq_id=ids[choice],
                     generator=row_generator(request.params.seed, choice),
-                    decoder=IncrementalDecoder(self.tokenizer),
-                    stops=StopMatcher(request.params.stop),
+                    text=ChoiceText(choice, self.tokenizer, request.params, self.stop_tokens, request.streamed),
                     length=len(request.prompt_ids),
                 )
                 for request, ids in zip(requests, seqs)
@@ -380,34 +379,13 @@ class GenerationEngine:
         tokens = sample(logits, [row.request.params for row in rows], [row.generator for row in rows])
         self.tokens_generated += len(tokens)
         for row, token in zip(rows, tokens):
-            row.generated.append(token)
             row.length += 1
-            self._emit_text(row, token)
-
-    def _emit_text(self, row: Row, token: int) -> None:
-        params = row.request.params
-        if token in self.stop_tokens and not params.ignore_eos:
-            text, reason = row.decoder.flush(), "stop"
-            released, stopped = row.stops.push(text)
-            text = released if stopped else released + row.stops.flush()
-        else:
-            released, stopped = row.stops.push(row.decoder.push(token))
-            text, reason = released, ("stop" if stopped else None)
-            if reason is None and len(row.generated) >= params.max_tokens:
-                released, stopped = row.stops.push(row.decoder.flush())
-                text += released if stopped else released + row.stops.flush()
-                reason = "stop" if stopped else "length"
-        row.finish_reason = reason
-        if reason is None and not row.request.streamed:
-            row.held.append(text)  # sent with the last token
-        elif text or reason:
-            if row.held:
-                text, row.held = "".join(row.held) + text, []
-            new_tokens, row.reported = row.generated[row.reported :], len(row.generated)
-            row.request.emit(ChoiceDelta(row.choice, text, reason, len(row.generated), new_tokens))
+            delta = row.text.add(token)
+            if delta is not None:
+                row.request.emit(delta)
 
     def _retire_finished(self) -> None:
-        keep = [index for index, row in enumerate(self._rows) if row.finish_reason is None]
+        keep = [index for index, row in enumerate(self._rows) if not row.finished]
         self._keep_rows(keep)
 
     def _drop_gone_rows(self) -> None:
