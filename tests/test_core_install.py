@@ -106,6 +106,65 @@ def test_require_extra_checks_without_importing(monkeypatch):
     )
 
 
+def _uninstall(monkeypatch, missing: str, *importers: str) -> None:
+    """Make ``import missing`` fail as if the package were not installed, and forget the modules
+    (``importers`` and their submodules) that imported it, so that the next import runs again."""
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ModuleNotFoundError(name=missing)
+    for name in [name for name in sys.modules if name.startswith(importers)]:
+        parent, _, child = name.rpartition(".")
+        if child in vars(sys.modules.get(parent, object)):  # a new import would rebind it: put it back after
+            monkeypatch.setattr(sys.modules[parent], child, vars(sys.modules[parent])[child])
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_the_redis_backend_names_the_redis_extra(monkeypatch):
+    from batchserve import compat
+    from batchserve.backends import backend_class
+
+    _uninstall(monkeypatch, "redis", "batchserve.backends.redis", "batchserve.compat.redis")
+    if "RedisStreamer" in vars(compat):  # kept there once a test has used it
+        monkeypatch.delitem(vars(compat), "RedisStreamer")
+    with pytest.raises(MissingExtraError, match=r"^the redis backend needs redis-py: pip install 'batchserve\[redis\]'$"):
+        backend_class("redis")
+    with pytest.raises(MissingExtraError, match=r"^batchserve.compat.RedisStreamer needs redis-py"):
+        from batchserve.compat import RedisStreamer  # noqa: F401
+
+
+@pytest.mark.parametrize(
+    "args, missing, importers, message",
+    [
+        (["bench", "http://127.0.0.1:1"], "aiohttp", "batchserve.bench",
+         "batchserve bench needs aiohttp: pip install 'batchserve[bench]'"),
+        (["worker", "--redis-url", "redis://127.0.0.1:1", "--model", "tests.fakes:echo"], "redis",
+         "batchserve.backends.redis", "batchserve worker needs redis-py: pip install 'batchserve[redis]'"),
+    ],
+)
+def test_a_command_whose_extra_is_missing_exits_2_naming_it(monkeypatch, args, missing, importers, message):
+    from typer.testing import CliRunner
+
+    from batchserve import cli
+
+    _uninstall(monkeypatch, missing, importers)
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"batchserve: {message}"
+
+
+def test_an_app_whose_extra_is_missing_is_refused_before_it_loads(monkeypatch):
+    """The apps' models import their runtimes late (in workers, on their first load): the app's
+    modules are looked for before it is built, and a missing one names the extra."""
+    from batchserve import apps
+    from batchserve.settings import AppName, Settings
+
+    monkeypatch.setitem(EXTRAS["embeddings"], "onnxruntime_not_here", "onnxruntime")
+    monkeypatch.setitem(apps.EXTRA_OF, AppName.embeddings, ("embeddings", ("numpy", "onnxruntime_not_here")))
+    expected = r"^the embeddings app needs onnxruntime: pip install 'batchserve\[embeddings\]'$"
+    with pytest.raises(MissingExtraError, match=expected):
+        apps.build_services(Settings(apps=[AppName.embeddings]))
+    with pytest.raises(MissingExtraError, match=expected):
+        apps.batched_models(Settings(apps=[AppName.embeddings]))
+
+
 # --------------------------------------------------------------------------- a core-only venv
 
 QUICKSTART = '''

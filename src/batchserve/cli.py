@@ -12,6 +12,7 @@ from typing import Any, Iterator, List, Optional
 import typer
 from annotated_types import Ge, Le
 
+from batchserve.extras import needs_extra
 from batchserve.settings import (
     AppName,
     BackendKind,
@@ -177,7 +178,8 @@ def bench(
     import orjson
     from rich.console import Console
 
-    from batchserve.bench import TEMPLATES, NotServedError, render, run_bench
+    with exit_on_user_error(), needs_extra("bench", "batchserve bench"):
+        from batchserve.bench import TEMPLATES, NotServedError, render, run_bench
 
     if app_name not in TEMPLATES:
         raise typer.BadParameter(f"choose one of {', '.join(TEMPLATES)}", param_hint="--app")
@@ -227,7 +229,9 @@ def worker(
     """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
     options = dict(locals())
     from batchserve.apps import batched_models
-    from batchserve.backends.redis.worker import run_worker
+
+    with exit_on_user_error(), needs_extra("redis", "batchserve worker"):
+        from batchserve.backends.redis.worker import run_worker
 
     in_processes = workers > 1 or bool(devices) or threads_per_worker is not None
     settings = settings_from(

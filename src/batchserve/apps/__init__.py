@@ -10,8 +10,10 @@ serves the same models through Redis without building any HTTP service.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from batchserve.apps.base import Service
+from batchserve.extras import EXTRAS, require_extra
 from batchserve.model import ModelSpec
 from batchserve.settings import AppName, Settings
 
@@ -22,11 +24,27 @@ BUILT_IN: dict[AppName, str] = {
     AppName.infill: "batchserve.apps.infill",
 }
 USER_MODELS = "batchserve.apps.custom"
+#: app name → the extra its models need, and the modules checked before it is built (its models
+#: import them later, in a worker, on their first load); llama.cpp is optional: without it
+#: generation runs on torch
+EXTRA_OF: dict[AppName, tuple[str, tuple[str, ...]]] = {
+    AppName.embeddings: ("embeddings", tuple(EXTRAS["embeddings"])),
+    AppName.generation: ("generation", ("numpy", "torch", "transformers", "gguf")),
+    AppName.infill: ("generation", ("numpy", "torch", "transformers", "gguf")),
+}
+
+
+def app_module(name: AppName) -> ModuleType:
+    """The module of built-in app ``name``; an app whose extra is not installed raises
+    :class:`~batchserve.extras.MissingExtraError` naming it."""
+    extra, modules = EXTRA_OF[name]
+    require_extra(extra, f"the {name.value} app", modules)
+    return importlib.import_module(BUILT_IN[name])
 
 
 def build_services(settings: Settings) -> list[Service]:
     """The services the settings ask for: built-in apps (``all`` = every one) and user models."""
-    services = [importlib.import_module(BUILT_IN[name]).build(settings) for name in settings.app_names]
+    services = [app_module(name).build(settings) for name in settings.app_names]
     if settings.models:
         services.append(importlib.import_module(USER_MODELS).build(settings))
     return services
@@ -35,10 +53,10 @@ def build_services(settings: Settings) -> list[Service]:
 def batched_models(settings: Settings) -> dict[str, ModelSpec]:
     """The batched models of the apps and user models the settings ask for, by name (the
     names ``serve`` gives their batchers); apps without batchers (generation) add none."""
-    modules = [BUILT_IN[name] for name in settings.app_names]
+    modules = [app_module(name) for name in settings.app_names]
     if settings.models:
-        modules.append(USER_MODELS)
+        modules.append(importlib.import_module(USER_MODELS))
     models: dict[str, ModelSpec] = {}
     for module in modules:
-        models.update(getattr(importlib.import_module(module), "models", lambda settings: {})(settings))
+        models.update(getattr(module, "models", lambda settings: {})(settings))
     return models
