@@ -284,6 +284,7 @@ class Batcher:
         ``--max-batch-tokens``, else of its own ``max_batch_tokens``."""
         from batchserve.backends.registry import create_backend
 
+        settings = settings.for_model(name)  # its own settings (a config file's apps: and models:) first
         batching = settings.batching
         length = spec.declared("batch_length")
         budget = (batching.max_batch_tokens or spec.declared("max_batch_tokens")) if length is not None else None

@@ -7,11 +7,13 @@ Options that set a server or worker setting are built by :func:`option` from the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional
+import inspect
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
 import typer
 from annotated_types import Ge, Le
 
+from batchserve.config import CONFIG_ENV
 from batchserve.extras import needs_extra
 from batchserve.settings import (
     AppName,
@@ -21,8 +23,12 @@ from batchserve.settings import (
     LogLevel,
     Quantization,
     Settings,
+    SettingsError,
     field_info,
 )
+
+if TYPE_CHECKING:
+    from batchserve.config import Effective
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Dynamic batching for model serving."
@@ -68,16 +74,58 @@ def exit_on_user_error() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def settings_from(**options: Any) -> Settings:
-    """Settings from command-line options; a value the model refuses exits with its message."""
+def settings_from(ctx: typer.Context | None = None, config: str | None = None, **options: Any) -> Settings:
+    """Settings from the config file ``config`` (None: none) and the command's options over it;
+    a value refused exits with status 2 and its path (:func:`effective_settings`)."""
+    return effective_settings(ctx, config, options).settings
+
+
+def effective_settings(ctx: typer.Context | None, config: str | None, options: dict[str, Any]) -> "Effective":
+    """The settings of the file ``config`` and, over it, the options of the running command
+    (``ctx``) that were given, on the command line or by their environment variable (a
+    default never hides the file's value); without ``ctx``, or for a name that is not one of
+    its options, every option given counts.  A problem (unknown key, bad value, bad YAML,
+    missing file) exits with status 2 and one line naming its path, never a traceback."""
     from pydantic import ValidationError
 
+    from batchserve.config import ENV, FLAG, effective
+
+    params = {param.name: param for param in ctx.command.params} if ctx is not None else {}
+    given: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    spelled: dict[str, str] = {}
+    for name, value in options.items():
+        param = params.get(name)
+        source = ctx.get_parameter_source(name).name if param is not None else "COMMANDLINE"
+        if source == "COMMANDLINE":
+            sources[name], spelled[name] = FLAG, param.opts[0] if param is not None else name
+        elif source == "ENVIRONMENT":
+            envvar = param.envvar if isinstance(param.envvar, str) else (param.envvar or [name])[0]
+            sources[name], spelled[name] = ENV, envvar
+        else:  # the default: the file's value, or the setting's own default
+            continue
+        given[name] = value
     try:
-        return Settings.from_options(**options)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        typer.echo(f"batchserve: {problems}", err=True)
+        return effective(config, given, sources, spelled)
+    except (SettingsError, ValidationError) as error:
+        typer.echo(f"batchserve: {_one_line(error)}", err=True)
         raise typer.Exit(2) from None
+
+
+def _one_line(error: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return str(error)
+
+
+def config_option() -> Any:
+    return typer.Option(
+        None, "--config", envvar=CONFIG_ENV, show_default=False,
+        help="YAML file of settings: the same names as these options, plus each app's and model's own "
+        "batching (apps:, models:); options given here override it",
+    )
 
 
 @app.callback()
@@ -87,6 +135,8 @@ def main() -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
+    config: Optional[str] = config_option(),
     apps: List[AppName] = option("apps", "--app", help="built-in app (embeddings when no --model); repeatable", show_default="embeddings"),
     models: List[str] = option("models", "--model", show_default=False),
     host: str = option("host"),
@@ -211,13 +261,17 @@ WORKER_QUEUE_SIZE = 1_000_000
 
 @app.command()
 def worker(
-    redis_url: str = typer.Option(..., "--redis-url", help=field_info("redis_url").description),
+    ctx: typer.Context,
+    config: Optional[str] = config_option(),
+    redis_url: Optional[str] = option("redis_url", "--redis-url"),
     apps: List[AppName] = option("apps", "--app", help="built-in app whose models to serve; repeatable", show_default="embeddings"),
     models: List[str] = option("models", "--model", help="your model as [name=]module:attr, as given to serve", show_default=False),
     redis_prefix: str = option("redis_prefix", "--prefix"),
     workers: int = option("workers", help="model processes on this host (more than 1: supervised processes)"),
     devices: List[str] = option("devices", "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
-    threads_per_worker: Optional[int] = option("threads_per_worker", help="torch threads per model process (default: cores // workers)"),
+    threads_per_worker: Optional[int] = option(
+        "threads_per_worker", help="threads of each model process, every runtime (default: cores // workers)"
+    ),
     max_batch_size: int = option("max_batch_size"),
     max_latency: float = option("max_latency"),
     max_batch_tokens: Optional[int] = option("max_batch_tokens"),
@@ -228,18 +282,84 @@ def worker(
 ) -> None:
     """Serve models to `serve --backend redis` fronts through Redis: run it on each worker host."""
     options = dict(locals())
-    from batchserve.apps import batched_models
+    from batchserve.apps import batched_models, with_app_settings
 
     with exit_on_user_error(), needs_extra("redis", "batchserve worker"):
         from batchserve.backends.redis.worker import run_worker
 
-    in_processes = workers > 1 or bool(devices) or threads_per_worker is not None
-    settings = settings_from(
-        **options, max_queue_size=WORKER_QUEUE_SIZE, backend=BackendKind.process if in_processes else BackendKind.thread
-    )
+    found = effective_settings(options.pop("ctx"), options.pop("config"), options)
+    if not found.settings.redis.redis_url:
+        typer.echo("batchserve: a worker needs --redis-url (or redis_url in its config file)", err=True)
+        raise typer.Exit(2)
+    with exit_on_user_error():
+        settings = worker_settings(with_app_settings(found.settings), devices_given=found.source("devices") != "default")
     check_devices(settings)
     with exit_on_user_error():
         run_worker(settings, batched_models(settings))
+
+
+def worker_settings(settings: Settings, devices_given: bool = False) -> Settings:
+    """What ``batchserve worker`` runs with, from its flags and config file (the fronts' own
+    file will do): the Redis stream is each batcher's queue (:data:`WORKER_QUEUE_SIZE`; a
+    model's own ``max_queue_size`` bounds the fronts, not this), and every model runs here, on
+    worker processes when it is given several workers, devices or a thread count, else on a
+    thread (a ``backend: redis`` is the fronts' setting)."""
+    from batchserve.settings import ModelSettings
+
+    local = (BackendKind.thread, BackendKind.process)
+
+    def placed(workers: int | None, devices: bool, threads: int | None) -> BackendKind:
+        return BackendKind.process if (workers or 1) > 1 or devices or threads is not None else BackendKind.thread
+
+    process = settings.process
+    backend = settings.backend if settings.backend in local else placed(process.workers, devices_given, process.threads_per_worker)
+    own: dict[str, ModelSettings] = {}
+    for name, entry in settings.model_settings.items():
+        given = entry.model_dump(exclude_none=True)
+        given.pop("max_queue_size", None)
+        if given.get("backend") not in local:
+            given.pop("backend", None)
+            if {"workers", "devices", "threads_per_worker"} & set(given):
+                given["backend"] = placed(
+                    given.get("workers", process.workers), "devices" in given or devices_given,
+                    given.get("threads_per_worker", process.threads_per_worker),
+                )
+        own[name] = ModelSettings(**given)
+    batching = settings.batching.model_copy(update={"max_queue_size": WORKER_QUEUE_SIZE})
+    return settings.model_copy(update={"backend": backend, "batching": batching, "model_settings": own})
+
+
+def _with_serve_options(command: Any) -> Any:
+    """``command`` taking every option of ``serve`` too (typer reads the signature)."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*inspect.signature(serve, eval_str=True).parameters.values(), *own])
+    return command
+
+
+@app.command("config")
+@_with_serve_options
+def show_config(
+    json_output: bool = typer.Option(False, "--json", help="print JSON: the settings, and where each came from"),
+    **options: Any,
+) -> None:
+    """Print the settings `serve` would run with (its options, --config too) and where each
+    came from: flag, env (an option's variable), file or default.  Starts nothing."""
+    import json
+
+    found = effective_settings(options.pop("ctx"), options.pop("config"), options)
+    rows = found.rows()
+    if json_output:
+        typer.echo(json.dumps(
+            {"settings": found.settings.model_dump(mode="json"), "sources": {path: source for path, _, source in rows}},
+            indent=2,
+        ))
+        return
+    shown = [(path, json.dumps(value), source) for path, value, source in rows]
+    width = max(len(path) for path, _, _ in shown)
+    values = min(max(len(value) for _, value, _ in shown), 40)
+    typer.echo("# the settings `batchserve serve` would run with (flag > env > file > default)")
+    for path, value, source in shown:
+        typer.echo(f"{path:<{width}}  {value:<{values}}  {source}")
 
 
 if __name__ == "__main__":

@@ -147,10 +147,28 @@ def _ratio(quota: str, period: str) -> float | None:
 
 
 def threads_per_worker(workers: int, requested: int | None = None) -> int:
-    """Torch threads for each of ``workers`` CPU workers: cores // workers unless told."""
+    """Threads for each of ``workers`` processes computing at once on the CPU (every
+    process that computes: HTTP processes x model workers), cores // workers unless told."""
     if requested:
         return requested
     return max(1, cpu_count() // max(workers, 1))
+
+
+def process_threads() -> int:
+    """Threads a runtime of this process uses when not told: ``OMP_NUM_THREADS`` when set (the
+    process backend gives each worker its share of the cores there, and gunicorn's HTTP
+    workers set theirs), else every core this process may use."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(given) if given.isdigit() and int(given) > 0 else cpu_count()
+
+
+def share_cores(threads: int) -> None:
+    """Give this process ``threads`` threads for every runtime: torch now (if imported), and
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` for the runtimes that start later (ONNX Runtime,
+    llama.cpp, torch imported later: :func:`process_threads`).  For a process about to serve,
+    such as a gunicorn HTTP worker just forked."""
+    os.environ.update({name: str(threads) for name in THREAD_ENV})
+    set_torch_threads(threads)
 
 
 def worker_env(device: str, slot: int, threads: int) -> dict[str, str]:

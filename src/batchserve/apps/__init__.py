@@ -15,7 +15,7 @@ from types import ModuleType
 from batchserve.apps.base import Service
 from batchserve.extras import EXTRAS, require_extra
 from batchserve.model import ModelSpec
-from batchserve.settings import AppName, Settings
+from batchserve.settings import AppName, ModelSettings, Settings
 
 #: app name → module holding ``build(settings) -> Service``
 BUILT_IN: dict[AppName, str] = {
@@ -44,6 +44,7 @@ def app_module(name: AppName) -> ModuleType:
 
 def build_services(settings: Settings) -> list[Service]:
     """The services the settings ask for: built-in apps (``all`` = every one) and user models."""
+    settings = with_app_settings(settings)
     services = [app_module(name).build(settings) for name in settings.app_names]
     if settings.models:
         services.append(importlib.import_module(USER_MODELS).build(settings))
@@ -60,3 +61,25 @@ def batched_models(settings: Settings) -> dict[str, ModelSpec]:
     for module in modules:
         models.update(getattr(module, "models", lambda settings: {})(settings))
     return models
+
+
+def with_app_settings(settings: Settings) -> Settings:
+    """The settings with each served app's own settings (a config file's ``apps: {embeddings:
+    {...}}``) given to its batched models, by the names their batchers have, under what a
+    model's own entry says.  An app whose models have no batcher (generation, infill: their
+    engine has the ``generation_*`` settings) refuses settings of its own."""
+    merged = dict(settings.model_settings)
+    for app, own in settings.app_settings.items():
+        given = own.model_dump(exclude_none=True)
+        if not given or app not in settings.app_names:
+            continue
+        names = list(getattr(app_module(app), "models", lambda settings: {})(settings))
+        if not names:
+            raise ValueError(
+                f"apps.{app.value}: the {app.value} app has no batcher to take {', '.join(given)}; "
+                "its engine has the generation_* settings"
+            )
+        for name in names:
+            mine = merged.get(name)
+            merged[name] = ModelSettings(**{**given, **(mine.model_dump(exclude_none=True) if mine else {})})
+    return settings.model_copy(update={"model_settings": merged}) if merged != settings.model_settings else settings

@@ -61,10 +61,26 @@ class Service:
 
     def describe(self) -> dict[str, Any]:
         models = {
-            name: {"ready": batcher.ready, "queue_depth": batcher.queue_depth, **batcher.backend.describe()}
+            name: {
+                "ready": batcher.ready,
+                "queue_depth": batcher.queue_depth,
+                "batching": batching_of(batcher),
+                **batcher.backend.describe(),
+            }
             for name, batcher in self.batchers.items()
         }
         return {"ready": self.ready(), "error": self.error, "models": models}
+
+
+def batching_of(batcher: Batcher) -> dict[str, Any]:
+    """The limits ``batcher`` runs with (its model's own settings over the server-wide ones), for ``/readyz``."""
+    return {
+        "max_batch_size": batcher.max_batch_size,
+        "max_latency": batcher.max_latency,
+        "max_batch_tokens": batcher.max_batch_tokens,
+        "max_queue_size": batcher.max_queue_size,
+        "timeout": batcher.timeout,
+    }
 
 
 def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
@@ -76,8 +92,11 @@ def make_batcher(spec: ModelSpec, settings: Settings, name: str) -> Batcher:
 TIMEOUT_HEADER = "X-Request-Timeout"
 
 
-def deadline_dependency(settings: Settings):
+def deadline_dependency(settings: Settings, per_model: bool = False):
     """A FastAPI dependency reading the per-request deadline header (seconds).
+
+    With ``per_model``, a request without the header gets None: the batcher applies its
+    model's own ``timeout`` (a config file's ``models.NAME.timeout``), not the server-wide one.
 
     The function it returns also carries ``from_header = (header name, parse)``, so that a
     :class:`~batchserve.server.json_route.JSONBodyRoute` reads the header without FastAPI's
@@ -90,9 +109,9 @@ def deadline_dependency(settings: Settings):
         schema.clear()
         schema.update({"type": "number", "minimum": shortest, "maximum": limit})
 
-    def parse(value: str | None) -> float:
+    def parse(value: str | None) -> float | None:
         if value is None:
-            return default
+            return None if per_model else default
         try:
             seconds = float(value)
         except ValueError:
@@ -105,10 +124,11 @@ def deadline_dependency(settings: Settings):
     async def request_timeout(
         x_request_timeout: str | None = Header(
             default=None,
-            description=f"the request's deadline, {bounds} (default {default:g})",
+            description=f"the request's deadline, {bounds} (default: "
+            + ("the model's timeout" if per_model else f"{default:g}") + ")",
             json_schema_extra=number_schema,
         ),
-    ) -> float:
+    ) -> float | None:
         return parse(x_request_timeout)
 
     request_timeout.from_header = (TIMEOUT_HEADER.lower(), parse)

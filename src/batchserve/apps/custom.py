@@ -44,7 +44,7 @@ def parse_model_option(option: str) -> tuple[str, str]:
 
 def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
     router = APIRouter(tags=["models"], route_class=JSONBodyRoute)
-    request_timeout = deadline_dependency(settings)
+    request_timeout = deadline_dependency(settings, per_model=True)
 
     @router.post(
         "/models/{name}/predict",
@@ -52,7 +52,7 @@ def build_router(batchers: dict[str, Batcher], settings: Settings) -> APIRouter:
         summary="Run a served model",
         responses={404: {"model": ErrorBody, "description": "no model of that name is served"}},
     )
-    async def predict(name: str, body: PredictRequest, timeout: float = Depends(request_timeout)):
+    async def predict(name: str, body: PredictRequest, timeout: float | None = Depends(request_timeout)):
         batcher = batchers.get(name)
         if batcher is None:
             raise HTTPException(404, f"no model named {name!r}; served: {', '.join(sorted(batchers))}")

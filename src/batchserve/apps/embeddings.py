@@ -206,11 +206,11 @@ def cluster(vectors: np.ndarray, threshold: float) -> list[list[int]]:
 
 def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
     router = APIRouter(tags=["embeddings"], route_class=JSONBodyRoute)
-    request_timeout = deadline_dependency(settings)
+    request_timeout = deadline_dependency(settings, per_model=True)
     EmbeddingRequest, ClusterRequest = request_models(batcher.max_queue_size)
 
     @router.post(ROUTE, summary="OpenAI-compatible sentence embeddings", responses=MODEL_NOT_FOUND)
-    async def embeddings(body: EmbeddingRequest, timeout: float = Depends(request_timeout)):
+    async def embeddings(body: EmbeddingRequest, timeout: float | None = Depends(request_timeout)):
         model = served_model(body.model, MODEL_NAME, ROUTE)
         texts = [body.input] if isinstance(body.input, str) else body.input
         outputs = await batcher.submit(texts, timeout=timeout)
@@ -232,7 +232,7 @@ def build_router(batcher: Batcher, settings: Settings) -> APIRouter:
         )
 
     @router.post("/cluster", summary="Group sentences by meaning")
-    async def cluster_sentences(body: ClusterRequest, timeout: float = Depends(request_timeout)):
+    async def cluster_sentences(body: ClusterRequest, timeout: float | None = Depends(request_timeout)):
         outputs = await batcher.submit(body.sentences, timeout=timeout)
         vectors = np.stack([vector for vector, _ in outputs])
         groups = cluster(vectors, body.threshold)

@@ -84,8 +84,11 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for gunicorn/uvicorn ``--factory``: settings come from ``BATCHSERVE_SETTINGS``."""
-    return create_app(Settings.from_env())
+    """Factory for gunicorn/uvicorn ``--factory``: settings come from ``BATCHSERVE_CONFIG``'s
+    file and ``BATCHSERVE_SETTINGS`` (:func:`batchserve.config.from_environment`)."""
+    from batchserve.config import from_environment_or_exit
+
+    return create_app(from_environment_or_exit())
 
 
 def create_preloaded_app() -> FastAPI:
@@ -94,9 +97,10 @@ def create_preloaded_app() -> FastAPI:
     The HTTP workers forked from this process share the weights copy-on-write; each still
     starts its own batchers when it starts serving.
     """
+    from batchserve.config import from_environment_or_exit
     from batchserve.logs import configure_logging
 
-    settings = Settings.from_env()
+    settings = from_environment_or_exit()
     configure_logging(settings.server.log_level.value)
     app = create_app(settings)
     for service in app.state.services:

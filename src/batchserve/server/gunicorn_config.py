@@ -1,6 +1,8 @@
 """gunicorn settings for several HTTP processes: ``batchserve serve --http-workers N``.
 
-The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes it).
+The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes it); run by
+hand, gunicorn reads the config file ``BATCHSERVE_CONFIG`` names too, under that JSON
+(:func:`batchserve.config.from_environment`).
 
 * ``preload_app``: the master builds the app *and loads the models* once
   (:func:`~batchserve.server.app.create_preloaded_app`, CPU and one torch thread, so the
@@ -9,7 +11,9 @@ The server's settings arrive as JSON in ``BATCHSERVE_SETTINGS`` (the CLI writes 
   collections, which would otherwise touch (and so copy) the shared pages.
 * ``timeout`` is long enough for a worker's own start-up (a process backend loads its
   models then); ``max_requests`` with jitter recycles workers one at a time.
-* Each HTTP worker gets ``cores // N`` torch threads for the models it runs itself.
+* Each HTTP worker gets ``cores // N`` threads for the models it runs itself, for every
+  runtime (torch's now, ``OMP_NUM_THREADS`` for ONNX Runtime and llama.cpp); a process
+  backend in each gives its workers ``cores // (N x workers)``.
 * A worker whose services cannot start exits with gunicorn's boot error and the master
   halts with status 3; when another worker fails the same way while the master is already
   halting (they load the same models, so they often fail together), gunicorn would raise
@@ -25,10 +29,10 @@ import gc
 
 from gunicorn.errors import HaltServer
 
-from batchserve.devices import set_torch_threads, threads_per_worker
-from batchserve.settings import Settings
+from batchserve.config import from_environment_or_exit
+from batchserve.devices import share_cores, threads_per_worker
 
-_settings = Settings.from_env()
+_settings = from_environment_or_exit()
 _server = _settings.server
 
 wsgi_app = "batchserve.server.app:create_preloaded_app()"
@@ -78,4 +82,5 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    set_torch_threads(threads_per_worker(server.cfg.workers, _settings.process.threads_per_worker))
+    """Each HTTP worker computes on its share of the cores (every runtime: torch, ONNX Runtime, llama.cpp)."""
+    share_cores(threads_per_worker(server.cfg.workers, _settings.process.threads_per_worker))
