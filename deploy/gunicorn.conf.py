@@ -1,10 +1,12 @@
 """gunicorn config for batchserve: several HTTP processes sharing one copy of the models.
 
 ``batchserve serve --http-workers N ...`` runs exactly this configuration.  To run gunicorn
-yourself, give it the server's settings as JSON and this file::
+yourself, give it the server's settings, as a config file (the one ``serve --config`` reads),
+as JSON (the same names, flat or in their groups), or both (the JSON wins), and this file::
 
     BATCHSERVE_SETTINGS='{"host": "0.0.0.0", "port": 8000, "http_workers": 4}' \\
         gunicorn -c deploy/gunicorn.conf.py
+    BATCHSERVE_CONFIG=batchserve.yaml gunicorn -c deploy/gunicorn.conf.py
 
 What it sets (see ``batchserve/server/gunicorn_config.py`` for the reasons):
 
@@ -18,7 +20,7 @@ What it sets (see ``batchserve/server/gunicorn_config.py`` for the reasons):
                             halts is reaped quietly (gunicorn would raise it, exit 1)
 ``timeout = 300``           long enough for a worker to start its models
 ``max_requests``            10 000 with a jitter of 1 000: workers recycle one at a time
-``post_fork``               torch threads per worker = cores // workers
+``post_fork``               threads per worker = cores // workers, every runtime
 ==========================  ==============================================================
 
 Override any of them below, after the import.
