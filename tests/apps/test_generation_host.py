@@ -8,7 +8,7 @@ from batchserve.server.app import create_app
 from batchserve.settings import Settings
 from tests.conftest import in_process, wait_ready
 
-SETTINGS = dict(apps=["generation", "infill"], generation_threads=1, timeout=120)
+SETTINGS = {"apps": ["generation", "infill"], "generation_threads": 1, "timeout": 120}
 
 
 async def complete(client: httpx.AsyncClient) -> None:

@@ -79,7 +79,7 @@ class _Worker:
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     start_timer: asyncio.TimerHandle | None = None
-    stderr: "_StderrPipe | None" = None  # what it writes on stderr until it is ready
+    stderr: _StderrPipe | None = None  # what it writes on stderr until it is ready
 
     @property
     def up(self) -> bool:
