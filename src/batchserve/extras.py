@@ -28,6 +28,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "typer": "typer",
         "rich": "rich",
         "httpx": "httpx",
+        "fastapi_offline": "fastapi-offline",
     },
     "embeddings": {
         "numpy": "numpy",

@@ -6,7 +6,8 @@ If a service fails to start, the server cannot serve: :func:`_start_all` logs wh
 on uvicorn, :mod:`batchserve.server.run`, and its gunicorn workers,
 :mod:`batchserve.server.gunicorn_worker`): they stop and exit with status 3 and the message
 on stderr.  Without a runner (the app mounted elsewhere, tests), ``/readyz`` stays 503 and
-names the error.
+names the error.  Once every service has started, ``app.state.on_ready()`` is called when
+the runner set it (it prints the "ready on URL" line).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
-from batchserve.server import dashboard, model_list
+from batchserve.server import dashboard, model_list, pages
 from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.limits import BodyLimitMiddleware
@@ -41,7 +42,9 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_all(services, lambda message: _cannot_serve(app, message)))
+        loading = asyncio.create_task(
+            _start_all(services, lambda message: _cannot_serve(app, message), lambda: _ready(app))
+        )
         app.state.loading = loading
         try:
             yield
@@ -54,7 +57,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
         version=batchserve.__version__,
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
-        docs_url="/docs" if settings.server.docs else None,
+        docs_url=None,  # pages.add_pages serves /docs, with Swagger UI's files from here rather than a CDN
         redoc_url=None,
         openapi_url="/openapi.json" if settings.server.docs else None,
         # FastAPI's own OpenTelemetry instrumentation asks the global providers on every request
@@ -65,11 +68,13 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     app.state.services = services
     app.state.draining = False
     app.state.stop_serving = None  # set by the process runner: Callable[[str], None]
+    app.state.on_ready = None  # set by the process runner: Callable[[], None]
     install_error_handlers(app)
     for service in services:
         app.include_router(service.router, responses=ERROR_RESPONSES)
     app.include_router(model_list.build_router(services))
     _add_health_routes(app, services)
+    pages.add_pages(app, services, docs=settings.server.docs, metrics=settings.server.metrics)
     if settings.server.metrics:
         batchers = lambda: [b for s in services for b in s.batchers.values()]  # noqa: E731
         metrics = Metrics(batchers)
@@ -118,7 +123,9 @@ def create_preloaded_app() -> FastAPI:
 CANNOT_SERVE = 3
 
 
-async def _start_all(services: list[Service], cannot_serve: Callable[[str], None]) -> None:
+async def _start_all(
+    services: list[Service], cannot_serve: Callable[[str], None], ready: Callable[[], None] = lambda: None
+) -> None:
     async def start(service: Service) -> None:
         try:
             await service.start()
@@ -132,6 +139,13 @@ async def _start_all(services: list[Service], cannot_serve: Callable[[str], None
         cannot_serve("; ".join(f"service {service.name} failed to start: {service.error}" for service in failed))
         return
     log.info("ready: %s", ", ".join(service.name for service in services))
+    ready()
+
+
+def _ready(app: FastAPI) -> None:
+    on_ready = app.state.on_ready
+    if on_ready is not None:
+        on_ready()
 
 
 def _cannot_serve(app: FastAPI, message: str) -> None:

@@ -2,6 +2,8 @@
 
 422 validation, 413 body too large, 404 unknown route or model, 503 overload/not ready
 (with ``Retry-After``), 504 deadline, 500 model error (the message, never a traceback).
+A route of a built-in app this server was not started with is a 404 that names the
+``--app`` serving it.
 
 ``/v1/*`` routes answer in OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}`` (:func:`batchserve.server.openai_errors.error_body`: ``type`` is OpenAI's
@@ -19,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from batchserve.apps.routes import who_serves
 from batchserve.errors import BatchserveError, ClientDisconnectedError, NotReadyError, OverloadedError
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.openai_errors import ErrorBody, error_body, is_openai_path
@@ -91,9 +94,24 @@ async def on_http_error(request: Request, error: HTTPException) -> FastJSONRespo
     if status == 400:  # FastAPI's "There was an error parsing the body": a bad body is a 422 like any other
         status, message = 422, f"the request body could not be parsed: {message}"
     kind = HTTP_KINDS.get(status, "invalid_request" if status == 422 else "http_error")
+    if status == 404 and message == "Not Found":  # no route matched: maybe one of an app not loaded
+        message = not_loaded_message(request) or message
     if status >= 400:
         count_error(request, kind)
     return error_response(request, status, kind, message, getattr(error, "headers", None))
+
+
+def not_loaded_message(request: Request) -> str | None:
+    """For a path no route matched: the ``--app`` (or ``--model``) that serves it, if any."""
+    serving = who_serves(request.url.path)
+    if serving is None:
+        return None
+    services = getattr(request.app.state, "services", None) or []
+    loaded = ", ".join(service.name for service in services) or "nothing"
+    return (
+        f"{request.method} {request.url.path} is served by {serving}, which this server was not "
+        f"started with (it serves: {loaded})"
+    )
 
 
 async def on_unexpected_error(request: Request, error: Exception) -> FastJSONResponse:

@@ -72,9 +72,13 @@ def on_starting(server) -> None:
 
 
 def when_ready(server) -> None:
-    """In the master, after the models are loaded and before the first fork."""
+    """In the master, after the models are loaded and before the first fork: it listens now."""
+    from batchserve.server.pages import announce_listening
+
     gc.collect()
     gc.freeze()
+    names = [app.value for app in _settings.app_names] + (["models"] if _settings.models else [])
+    announce_listening(_server, names)
 
 
 def pre_fork(server, worker) -> None:

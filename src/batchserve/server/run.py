@@ -6,7 +6,8 @@ requests finish for up to ``grace`` seconds, closes the batchers and workers and
 A second SIGINT forces an immediate exit.
 
 If a service fails to start (``app.state.stop_serving``), the server stops at once and the
-process exits with status 3, the reason on stderr.
+process exits with status 3, the reason on stderr.  Otherwise it says on stderr, in one
+plain line each, that it listens (while the models load) and that it is ready, with its URL.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from batchserve.server import pages
 from batchserve.server.app import CANNOT_SERVE
 from batchserve.settings import Settings
 
@@ -33,6 +35,25 @@ class DrainingServer(uvicorn.Server):
         self.drain_seconds = drain_seconds
         self.draining = False
         self.failure: str | None = None
+        self.ready = False
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening now; the models may have loaded already (then one line)
+            self._announce(listening=True)
+
+    def on_ready(self) -> None:
+        """Every service started (called on the loop, maybe before the socket is bound)."""
+        self.ready = True
+        if self.started:
+            self._announce(listening=False)
+
+    def _announce(self, listening: bool) -> None:
+        server, names = self.app.state.settings.server, [service.name for service in self.app.state.services]
+        if self.ready:
+            pages.announce_ready(server, names)
+        elif listening:
+            pages.announce_listening(server, names)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: it would re-raise them on exit,
@@ -74,6 +95,7 @@ def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
     )
     runner = DrainingServer(config, app, server.drain_seconds)
     app.state.stop_serving = runner.cannot_serve
+    app.state.on_ready = runner.on_ready
     runner.run()
     if runner.failure is not None:
         print(f"batchserve: cannot serve: {runner.failure}", file=sys.stderr, flush=True)
