@@ -97,3 +97,16 @@ def sluggish(batch: list) -> list:
     """Two seconds per batch: a queue that stays full long enough to observe on a busy machine."""
     time.sleep(2.0)
     return list(batch)
+
+
+class TokenBudgeted:
+    """Declares a token budget (words): its batches run as length-grouped passes."""
+
+    max_batch_tokens = 256
+
+    @staticmethod
+    def batch_length(text: str) -> int:
+        return len(text.split())
+
+    def predict(self, batch: list) -> list:
+        return [len(text) for text in batch]

@@ -132,3 +132,40 @@ async def test_a_model_declares_its_length_and_budget_and_the_setting_overrides_
     finally:
         for batcher in (declared, overridden, plain):
             await batcher.close()
+
+
+async def test_batch_sizes_count_dispatched_batches_and_passes_apart(make_batcher):
+    # 32 texts in one dispatched batch, run as passes of a few rows: the batch is 32, not its passes
+    rng = random.Random(5)
+    texts = [sentence(rng, 3) if i % 2 else sentence(rng, 40) for i in range(32)]
+    model = PassRecorder()
+    batcher = make_batcher(model, max_batch_size=64, length=words, max_batch_tokens=256)
+    assert await batcher.submit(texts) == [text.upper() for text in texts]
+    stats = batcher.stats
+    assert dict(stats.batch_sizes) == {32: 1} and stats.batches == 1 and stats.items == 32
+    assert len(model.passes) > 1
+    assert sorted(stats.pass_sizes.elements()) == sorted(len(piece) for piece in model.passes)
+    assert sum(stats.pass_sizes.values()) == stats.passes == len(model.passes)
+
+
+async def test_metrics_and_dashboard_report_batches_and_passes_apart(serve_app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = await serve_app(models=["tests.fakes:TokenBudgeted"], max_batch_size=64)
+    texts = [("long " * 40).strip() if i % 2 else "short text" for i in range(32)]
+    assert (await client.post("/models/TokenBudgeted/predict", json={"inputs": texts})).status_code == 200
+    families = {family.name: family for family in text_string_to_metric_families((await client.get("/metrics")).text)}
+
+    def count(name: str) -> float:
+        return next(s.value for s in families[name].samples if s.name == f"{name}_count")
+
+    assert count("batchserve_batch_size") == 1  # one dispatched batch of 32
+    assert next(s.value for s in families["batchserve_batch_size"].samples if s.name.endswith("_sum")) == 32
+    passes = count("batchserve_pass_size")
+    assert passes > 1 and families["batchserve_pass_size"].documentation.startswith("Rows per call of the model")
+    model = (await client.get("/dashboard/stats")).json()["models"]["TokenBudgeted"]
+    assert model["batches"] == 1 and model["items"] == 32 and model["batch_sizes"] == {"32": 1}
+    assert model["passes"] == passes and model["pass_rows"] == 32 and model["token_budget"] == 256
+    page = (await client.get("/dashboard")).text
+    assert "Mean dispatched batch size per second (and rows per pass, with a token budget)" in page
+    assert "Dispatched batch sizes since this page opened" in page and "rows per pass`" in page

@@ -204,11 +204,17 @@ Batch = list  # of (request, item index) pairs
 
 @dataclass
 class BatcherStats:
-    """Counters the server turns into Prometheus metrics."""
+    """Counters the server turns into Prometheus metrics.
 
-    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    A *batch* is what the batcher dispatched (counted once it ran, with its items that got a
+    result); a *pass* is one call of the model.  They differ where a token budget runs a
+    batch as several passes, and where an error splits a batch to isolate its bad items.
+    """
+
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # items per batch
     batches: int = 0
     items: int = 0
+    pass_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows per model call that answered
     compute_seconds: float = 0.0
     errors: collections.Counter = field(default_factory=collections.Counter)
     # with a token budget: passes run, and tokens in them (real; padded = rows x longest)
@@ -556,10 +562,15 @@ class Batcher:
     async def _run_batch(self, batch: Batch) -> None:
         try:
             if self.max_batch_tokens is None:
-                await self._compute(batch, retried=False)
+                answered = await self._compute(batch, retried=False)
             else:
+                answered = 0
                 for piece in self._passes(batch):
-                    await self._compute(piece, retried=False)
+                    answered += await self._compute(piece, retried=False)
+            if answered:
+                self.stats.batch_sizes[answered] += 1
+                self.stats.batches += 1
+                self.stats.items += answered
         except asyncio.CancelledError:
             for request, _ in batch:
                 request.fail(NotReadyError("batcher shut down while this request ran"))
@@ -583,10 +594,11 @@ class Batcher:
         stats.padded_tokens += sum(len(group) * max(lengths[p] for p in group) for group in groups)
         return passes
 
-    async def _compute(self, batch: Batch, retried: bool) -> None:
+    async def _compute(self, batch: Batch, retried: bool) -> int:
+        """Run ``batch`` (its requests still waiting) on the backend; the items that got a result."""
         live = [(request, index) for request, index in batch if not request.future.done()]
         if not live:
-            return
+            return 0
         inputs = [request.items[index] for request, index in live]
         batch_deadline.set(max(request.timer.when() for request, _ in live))
         started = self._loop.time()
@@ -596,38 +608,34 @@ class Batcher:
             # the backend refused or gave up on the whole batch: not the model's fault
             self.stats.errors[error.kind] += 1
             _fail_all(live, error)
-            return
+            return 0
         except WorkerDiedError as error:
             self.stats.errors["worker_died"] += 1
             if retried:
                 _fail_all(live, error)
-            else:
-                log.warning("worker died under a batch of %d; retrying once", len(live))
-                await self._compute(live, retried=True)
-            return
+                return 0
+            log.warning("worker died under a batch of %d; retrying once", len(live))
+            return await self._compute(live, retried=True)
         except Exception as error:
-            await self._isolate(live, error, retried)
-            return
-        self._record_batch(len(live), self._loop.time() - started)
+            return await self._isolate(live, error, retried)
+        self._record_pass(len(live), self._loop.time() - started)
         for (request, index), output in zip(live, outputs):
             request.deliver(index, output)
+        return len(live)
 
-    async def _isolate(self, live: Batch, error: Exception, retried: bool) -> None:
+    async def _isolate(self, live: Batch, error: Exception, retried: bool) -> int:
         """Split a failing batch until only the requests whose items fail get the error."""
         requests = {id(request) for request, _ in live}
         if len(requests) == 1:
             self.stats.errors["model"] += 1
             _fail_all(live, _model_error(error))
-            return
+            return 0
         middle = len(live) // 2
-        await self._compute(live[:middle], retried)
-        await self._compute(live[middle:], retried)
+        return await self._compute(live[:middle], retried) + await self._compute(live[middle:], retried)
 
-    def _record_batch(self, size: int, seconds: float) -> None:
-        self.policy.record_batch(size, seconds)
-        self.stats.batch_sizes[size] += 1
-        self.stats.batches += 1
-        self.stats.items += size
+    def _record_pass(self, size: int, seconds: float) -> None:
+        self.policy.record_batch(size, seconds)  # the cost model is of one call of the model
+        self.stats.pass_sizes[size] += 1
         self.stats.compute_seconds += seconds
 
 

@@ -73,6 +73,8 @@ def _generation_figures(metrics: Metrics) -> dict | None:
 
 
 def _model_figures(batcher: Batcher) -> dict:
+    """Batches as dispatched, and passes (calls of the model) apart: with a token budget
+    (``token_budget``) one batch runs as several passes."""
     stats = batcher.stats
     return {
         "queue_depth": batcher.queue_depth,
@@ -80,6 +82,9 @@ def _model_figures(batcher: Batcher) -> dict:
         "batches": stats.batches,
         "items": stats.items,
         "batch_sizes": {str(size): count for size, count in sorted(stats.batch_sizes.items())},
+        "passes": sum(stats.pass_sizes.values()),
+        "pass_rows": sum(size * count for size, count in stats.pass_sizes.items()),
+        "token_budget": batcher.max_batch_tokens,
     }
 
 

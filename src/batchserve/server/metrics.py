@@ -1,5 +1,9 @@
 """Prometheus metrics: request latency, errors by kind, and each batcher's queue and batches.
 
+``batchserve_batch_size`` is the items of each batch the batcher dispatched;
+``batchserve_pass_size`` the rows of each call of the model (a token budget runs one batch
+as several passes; an error splits a batch to find its bad items).
+
 Request metrics are recorded by a small ASGI middleware; batcher figures are read from
 :class:`~batchserve.batching.BatcherStats` at scrape time, so the batching path pays nothing.
 """
@@ -31,7 +35,16 @@ class BatcherCollector:
         workers_up = GaugeMetricFamily(
             "batchserve_workers_up", "Workers (slots) able to run a batch now", labels=["model"]
         )
-        sizes = HistogramMetricFamily("batchserve_batch_size", "Items per batch run", labels=["model"])
+        sizes = HistogramMetricFamily(
+            "batchserve_batch_size",
+            "Items per batch dispatched (those answered); a token budget runs one as several passes",
+            labels=["model"],
+        )
+        pass_sizes = HistogramMetricFamily(
+            "batchserve_pass_size",
+            "Rows per call of the model: a pass of a token-budgeted batch, or a whole batch",
+            labels=["model"],
+        )
         compute = CounterMetricFamily(
             "batchserve_compute_seconds", "Time spent in predict()", labels=["model"]
         )
@@ -47,12 +60,14 @@ class BatcherCollector:
             workers_up.add_metric([batcher.name], batcher.backend.capacity)
             stats = batcher.stats
             sizes.add_metric([batcher.name], _cumulative(stats.batch_sizes), stats.items)
+            rows = sum(size * count for size, count in stats.pass_sizes.items())
+            pass_sizes.add_metric([batcher.name], _cumulative(stats.pass_sizes), rows)
             compute.add_metric([batcher.name], stats.compute_seconds)
             if batcher.max_batch_tokens is not None:
                 tokens.add_metric([batcher.name, "real"], stats.real_tokens)
                 tokens.add_metric([batcher.name, "padded"], stats.padded_tokens)
                 passes.add_metric([batcher.name], stats.passes)
-        yield from (depth, inflight, workers_up, sizes, compute, tokens, passes)
+        yield from (depth, inflight, workers_up, sizes, pass_sizes, compute, tokens, passes)
 
 
 class Metrics:
