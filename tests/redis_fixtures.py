@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -18,27 +19,62 @@ import redis
 
 from tests.conftest import ROOT, free_port, terminate
 
+if TYPE_CHECKING:
+    from tests.tls import Pki
+
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
 
 
 class RedisServer:
-    """``redis-server`` on loopback, no persistence; stop() and start() again on the same port."""
+    """``redis-server`` on loopback, no persistence; stop() and start() again on the same port.
 
-    def __init__(self, password: str | None = None):
+    With ``tls`` (a :class:`~tests.tls.Pki`) it speaks TLS only, with the authority's server
+    certificate, and asks clients for a certificate that authority signed when
+    ``client_certificates``; ``users`` are ``ACL SETUSER`` lines (``name on >password rules``).
+    :meth:`client` is the default user's (an admin), over TLS when the server speaks it."""
+
+    def __init__(
+        self, password: str | None = None, tls: Pki | None = None, client_certificates: bool = False,
+        users: tuple[str, ...] = (),
+    ):
         self.port = free_port()
         self.password = password
+        self.tls = tls
+        self.client_certificates = client_certificates
+        self.users = users
         self.process: subprocess.Popen | None = None
         self.start()
 
-    def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+    def url(self, db: int = 0, user: str | None = None, password: str | None = None) -> str:
+        """The URL of the default user (``user`` and ``password`` for another)."""
+        password = password if user else self.password
+        auth = f"{user or ''}:{password}@" if password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{'localhost' if self.tls else '127.0.0.1'}:{self.port}/{db}"
+
+    def tls_args(self, client_certificate: bool | None = None) -> tuple[str, ...]:
+        """The worker's and front's options to reach this server: the authority, and (by
+        default when the server asks for one) the client certificate."""
+        if self.tls is None:
+            return ()
+        args = ("--redis-ca-file", str(self.tls.ca))
+        if self.client_certificates if client_certificate is None else client_certificate:
+            args += ("--redis-certfile", str(self.tls.client_cert), "--redis-keyfile", str(self.tls.client_key))
+        return args
 
     def start(self) -> None:
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        plain_port = 0 if self.tls is not None else self.port  # 0: no plain-text port at all
+        command = [REDIS_SERVER, "--port", str(plain_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         if self.password:
             command += ["--requirepass", self.password]
+        if self.tls is not None:
+            command += [
+                "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key), "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes" if self.client_certificates else "no",
+            ]
+        for user in self.users:
+            command += ["--user", *user.split()]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -50,7 +86,12 @@ class RedisServer:
         raise TimeoutError("redis-server did not start")
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url(db), socket_timeout=5)
+        options = {}
+        if self.tls is not None:
+            options = {"ssl_ca_certs": str(self.tls.ca)}
+            if self.client_certificates:
+                options.update(ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))
+        return redis.Redis.from_url(self.url(db), socket_timeout=5, **options)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

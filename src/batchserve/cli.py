@@ -159,6 +159,9 @@ def serve(
     drain_seconds: float = option("drain_seconds"),
     grace: float = option("grace"),
     runtime: EncoderRuntimeName = option("runtime"),
+    redis_ca_file: Optional[str] = option("redis_ca_file"),
+    redis_certfile: Optional[str] = option("redis_certfile"),
+    redis_keyfile: Optional[str] = option("redis_keyfile"),
     quantize: Quantization = option("quantize"),
     generation_model: Optional[str] = option("generation_model"),
     generation_cache_dir: Optional[str] = option("generation_cache_dir"),
@@ -288,6 +291,9 @@ def worker(
         from batchserve.backends.redis.worker import run_worker
 
     found = effective_settings(options.pop("ctx"), options.pop("config"), options)
+    redis_ca_file: Optional[str] = option("redis_ca_file"),
+    redis_certfile: Optional[str] = option("redis_certfile"),
+    redis_keyfile: Optional[str] = option("redis_keyfile"),
     if not found.settings.redis.redis_url:
         typer.echo("batchserve: a worker needs --redis-url (or redis_url in its config file)", err=True)
         raise typer.Exit(2)

@@ -116,7 +116,7 @@ class BatchingSettings(_Group):
     )
     timeout: float = Field(30.0, gt=0, description="default per-request deadline, seconds")
     max_timeout: float = Field(
-        600.0, ge=MIN_REQUEST_TIMEOUT,
+        600.0, gt=0,
         description=f"largest deadline a client may ask for (X-Request-Timeout: {MIN_REQUEST_TIMEOUT:g} s and up)",
     )
 
@@ -137,7 +137,9 @@ class ProcessSettings(_Group):
 
 
 class RedisSettings(_Group):
-    redis_url: str | None = Field(None, description="redis backend: redis://[:password@]host:port/db or rediss://")
+    redis_url: str | None = Field(
+        None, description="redis backend: redis://[user:password@]host:port/db, or rediss:// for TLS"
+    )
     redis_prefix: str = Field("", description="redis backend: key prefix keeping deployments apart, the same on fronts and workers")
     redis_ca_file: str | None = Field(
         None, description="redis backend: CA certificate (PEM) that signed a rediss:// server's certificate (default: the system's)"

@@ -52,7 +52,7 @@ async def test_pickle_payloads_over_http_are_never_loaded(serve_app, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module", ["batchserve.wire", "batchserve.backends.redis.protocol", "batchserve.backends.redis.front", "batchserve.backends.redis.worker"])
+@pytest.mark.parametrize("module", ["batchserve.wire", "batchserve.backends.redis.protocol", "batchserve.backends.redis.connection", "batchserve.backends.redis.front", "batchserve.backends.redis.worker"])
 def test_network_modules_do_not_use_pickle(module):
     import importlib
     import inspect

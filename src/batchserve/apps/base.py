@@ -102,7 +102,7 @@ def deadline_dependency(settings: Settings, per_model: bool = False):
     :class:`~batchserve.server.json_route.JSONBodyRoute` reads the header without FastAPI's
     dependency solving (the same parse, the same errors)."""
     default, limit = settings.batching.timeout, settings.batching.max_timeout
-    shortest = MIN_REQUEST_TIMEOUT  # shorter is the client's mistake (a 422), not a 504
+    shortest = min(MIN_REQUEST_TIMEOUT, limit)  # shorter is the client's mistake (a 422), not a 504
     bounds = f"from {shortest:g} to {limit:g} seconds"
 
     def number_schema(schema: dict) -> None:  # parsed below, for messages that name the header

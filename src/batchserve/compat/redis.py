@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from batchserve.backends.process import ProcessBackend
+from batchserve.backends.redis.connection import TLSFiles
 from batchserve.backends.redis.front import RedisBackend
 from batchserve.backends.redis.worker import serve_batchers
 from batchserve.backends.thread import ThreadBackend
@@ -47,13 +48,25 @@ class RedisStreamer(_Streamer):
     """service-streamer's ``RedisStreamer``: ``predict`` / ``submit`` run on Redis workers.
 
     ``redis_broker`` is ``"host:port"`` as in service-streamer, or a Redis URL
-    (``redis://[:password@]host:port/db``, ``rediss://`` for TLS).  While no worker serves
-    ``prefix`` yet, a call waits for one, up to ``worker_timeout``, then raises ``TimeoutError``.
+    (``redis://[user:password@]host:port/db``, ``rediss://`` for TLS, with ``redis_ca_file``
+    and, for a Redis that asks for one, ``redis_certfile`` and ``redis_keyfile``: as
+    ``--redis-ca-file`` and the others).  While no worker serves ``prefix`` yet, a call waits
+    for one, up to ``worker_timeout``, then raises ``TimeoutError``.
     """
 
-    def __init__(self, redis_broker: str = "localhost:6379", prefix: str = "", *, worker_timeout: float = 20):
+    def __init__(
+        self,
+        redis_broker: str = "localhost:6379",
+        prefix: str = "",
+        *,
+        worker_timeout: float = 20,
+        redis_ca_file: str | None = None,
+        redis_certfile: str | None = None,
+        redis_keyfile: str | None = None,
+    ):
         backend = RedisBackend(
-            redis_broker, MODEL_NAME, prefix=prefix, default_timeout=worker_timeout, wait_for_workers=True
+            redis_broker, MODEL_NAME, prefix=prefix, default_timeout=worker_timeout, wait_for_workers=True,
+            tls=TLSFiles(redis_ca_file, redis_certfile, redis_keyfile),
         )
         batcher = Batcher(
             backend,
@@ -72,6 +85,7 @@ class RedisWorker:
     ``model_class`` is a :class:`ManagedModel` subclass (built as ``model_class(gpu_id)``
     then ``init_model(*model_init_args, **model_init_kwargs)``), or any batchserve model: a
     class with ``load()`` / ``predict()`` (built with the init args) or a function.
+    ``redis_ca_file``, ``redis_certfile``, ``redis_keyfile``: as for :class:`RedisStreamer`.
     """
 
     def __init__(
@@ -83,19 +97,24 @@ class RedisWorker:
         prefix: str = "",
         model_init_args: Iterable | None = None,
         model_init_kwargs: dict | None = None,
+        *,
+        redis_ca_file: str | None = None,
+        redis_certfile: str | None = None,
+        redis_keyfile: str | None = None,
     ):
         self.spec = _model_spec(model_class, model_init_args, model_init_kwargs)
         self.batch_size = batch_size
         self.max_latency = max_latency
         self.redis_broker = redis_broker
         self.prefix = prefix
+        self.tls = TLSFiles(redis_ca_file, redis_certfile, redis_keyfile)
 
     def run_forever(self, gpu_id: int | None = None) -> None:
         """Load the model (on GPU ``gpu_id`` if given) and serve until SIGTERM / SIGINT."""
         if gpu_id is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
         batcher = _worker_batcher(ThreadBackend(self.spec), self.batch_size, self.max_latency)
-        _serve(batcher, self.redis_broker, self.prefix)
+        _serve(batcher, self.redis_broker, self.prefix, self.tls)
 
 
 def run_redis_workers_forever(
@@ -109,33 +128,40 @@ def run_redis_workers_forever(
     mp_start_method: str = "spawn",
     model_init_args: Iterable | None = None,
     model_init_kwargs: dict | None = None,
+    *,
+    redis_ca_file: str | None = None,
+    redis_certfile: str | None = None,
+    redis_keyfile: str | None = None,
 ) -> None:
     """Serve a ``RedisStreamer`` with ``worker_num`` supervised model processes (blocks).
 
     Worker ``i`` runs on GPU ``cuda_devices[i % len(cuda_devices)]`` when given, else on
     the CPU.  ``model_class`` must be importable by name (spawned processes import it).
     In the main thread it serves until SIGTERM / SIGINT; in another thread, until the
-    interpreter exits.
+    interpreter exits.  ``redis_ca_file``, ``redis_certfile``, ``redis_keyfile``: as for
+    :class:`RedisStreamer`.
     """
+    tls = TLSFiles(redis_ca_file, redis_certfile, redis_keyfile)
+    tls.check(redis_broker)  # before any process starts
     spec = _model_spec(model_class, model_init_args, model_init_kwargs)
     devices = [int(gpu) for gpu in cuda_devices] if cuda_devices is not None else "cpu"
     backend = ProcessBackend(
         spec, workers=worker_num, devices=devices, start_method=mp_start_method, name=MODEL_NAME
     )
     batcher = _worker_batcher(backend, batch_size, max_latency)
-    _serve(batcher, redis_broker, prefix)
+    _serve(batcher, redis_broker, prefix, tls)
 
 
-def _serve(batcher: Batcher, redis_broker: str, prefix: str) -> None:
+def _serve(batcher: Batcher, redis_broker: str, prefix: str, tls: TLSFiles) -> None:
     """Serve ``batcher`` until SIGTERM / SIGINT (main thread) or interpreter exit (other threads)."""
     if threading.current_thread() is threading.main_thread():
-        asyncio.run(serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix))
+        asyncio.run(serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix, tls=tls))
         return
     serving = _ServingThread()
     with _serving_lock:
         _serving_threads.add(serving)
     try:
-        asyncio.run(serving.serve(batcher, redis_broker, prefix))
+        asyncio.run(serving.serve(batcher, redis_broker, prefix, tls))
     finally:
         with _serving_lock:
             _serving_threads.discard(serving)
@@ -152,12 +178,12 @@ class _ServingThread:
         self._stop: asyncio.Event | None = None
         self._stopping = False
 
-    async def serve(self, batcher: Batcher, redis_broker: str, prefix: str) -> None:
+    async def serve(self, batcher: Batcher, redis_broker: str, prefix: str, tls: TLSFiles) -> None:
         with self._lock:
             if self._stopping:
                 return
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        await serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix, stop=self._stop)
+        await serve_batchers({MODEL_NAME: batcher}, redis_broker, prefix, stop=self._stop, tls=tls)
 
     def stop_soon(self) -> None:
         with self._lock:

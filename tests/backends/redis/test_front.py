@@ -200,3 +200,17 @@ def test_password_url_no_worker_and_hostile_entries(password_redis, start_worker
     again = httpx.post(f"{front.url}/models/double/predict", json={"inputs": [5]}, timeout=30)
     assert again.json() == {"outputs": [10]}, "the worker keeps going"
     assert worker.process.poll() is None
+
+
+async def test_a_front_closed_right_after_its_start_closes_at_once(redis_server):
+    """redis-py (8.2) swallows the cancellation of the reader's first blocking XREAD and
+    reads on with no deadline: close() hung for ever (a server stopped as soon as it started)."""
+    from batchserve.backends.redis.front import RedisBackend
+
+    for _ in range(3):
+        front = RedisBackend(redis_server.url(), "double")
+        await front.start()
+        await asyncio.sleep(0)  # the reader is in its XREAD
+        started = time.monotonic()
+        await asyncio.wait_for(front.close(), 10)
+        assert time.monotonic() - started < 2.0

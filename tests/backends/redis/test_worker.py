@@ -15,7 +15,8 @@ import pytest
 
 from batchserve import wire
 from batchserve.apps.embeddings import EmbeddingModel
-from batchserve.backends.redis.protocol import GROUP, BadEntry, StreamKeys, connect, ensure_group, parse_entry
+from batchserve.backends.redis.connection import connect
+from batchserve.backends.redis.protocol import GROUP, BadEntry, StreamKeys, ensure_group, parse_entry
 from batchserve.backends.redis.worker import StreamWorker
 from tests.fakes import double
 from tests.redis_fixtures import (  # noqa: F401 - fixtures

@@ -22,12 +22,12 @@ import uuid
 from redis.exceptions import AuthenticationError, ResponseError
 
 from batchserve.backends.base import Backend, batch_deadline
+from batchserve.backends.redis.connection import FRONT_COMMANDS, TLSFiles, check_commands, connect, diagnose
 from batchserve.backends.redis.protocol import (
     READ_BLOCK_MS,
     RECONNECT_DELAY,
     UNREACHABLE,
     StreamKeys,
-    connect,
     ensure_group,
     redact,
     reply_id,
@@ -44,6 +44,7 @@ log = logging.getLogger("batchserve.redis")
 MAX_STREAM_LENGTH = 100_000
 WORKERS_CHECK_PERIOD = 1.0  # seconds between counts of live workers
 WORKERS_POLL_PERIOD = 0.1  # seconds between counts while batches wait for a first worker
+CLOSE_READER_TIMEOUT = 1.0  # seconds the reply reader gets to end when cancelled, before its socket is closed
 
 
 class RedisBackend(Backend):
@@ -64,8 +65,11 @@ class RedisBackend(Backend):
         max_inflight: int = 1024,
         default_timeout: float = 30.0,
         wait_for_workers: bool = False,
+        tls: TLSFiles | None = None,
     ):
         self.url = url
+        self.tls = tls or TLSFiles()
+        self.tls.check(url)  # files that cannot work are refused now, not at start
         self.keys = StreamKeys(prefix, name)
         self.client_id = uuid.uuid4().hex
         self.reply_key = self.keys.replies(self.client_id)
@@ -83,6 +87,7 @@ class RedisBackend(Backend):
         self._workers_checked = 0.0
         self._worker_poll: asyncio.Task | None = None  # counts workers while batches wait for one
         self._worker_waiters = 0
+        self._closing = False
 
     @classmethod
     def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "RedisBackend":
@@ -95,14 +100,19 @@ class RedisBackend(Backend):
             prefix=settings.redis.redis_prefix,
             max_inflight=settings.batching.max_queue_size,
             default_timeout=settings.batching.timeout,
+            tls=TLSFiles.of(settings.redis),
         )
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Connect (retrying until Redis answers), then start reading replies."""
-        self._redis = connect(self.url)
-        while not await self._reconnect():
+        """Connect (retrying until Redis answers), then start reading replies.
+
+        What waiting cannot fix fails the start at once (:class:`~.connection.RedisSetupError`):
+        a URL of the wrong scheme for the port, a certificate, a command the ACL denies."""
+        self._closing = False
+        self._redis = connect(self.url, self.tls)
+        while not await self._reconnect(starting=True):
             await asyncio.sleep(RECONNECT_DELAY)
         self._reader = asyncio.get_running_loop().create_task(self._read_replies_forever())
         self._capacity_changed()
@@ -112,8 +122,14 @@ class RedisBackend(Backend):
         return self.max_inflight if self._reader is not None else 0
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
+            await asyncio.wait([self._reader], timeout=CLOSE_READER_TIMEOUT)
+            if not self._reader.done() and self._redis is not None:
+                # redis-py (8.2) may swallow the cancellation of a blocking XREAD and read on,
+                # with no deadline (a front closed right after its start hung): close its socket
+                await self._redis.connection_pool.disconnect()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
         if self._worker_poll is not None:
@@ -197,7 +213,7 @@ class RedisBackend(Backend):
     # ---------------------------------------------------------------- replies
 
     async def _read_replies_forever(self) -> None:
-        while True:
+        while not self._closing:
             if not self.connected:
                 try:
                     reconnected = await self._reconnect()
@@ -214,6 +230,8 @@ class RedisBackend(Backend):
                 await self._count_workers_now_and_then()
                 answer = await self._redis.xread({self.reply_key: self._last_reply_id}, block=READ_BLOCK_MS)
             except UNREACHABLE as error:
+                if self._closing:  # close() shut the socket under a read
+                    return
                 self._lost(error)
                 continue
             for _, entries in answer:
@@ -245,19 +263,27 @@ class RedisBackend(Backend):
             raise NotReadyError("Redis is unreachable; retry shortly") from None
         return self.live_workers
 
-    async def _reconnect(self) -> bool:
-        """One attempt to reach Redis and set up the stream; True when it worked."""
+    async def _reconnect(self, starting: bool = False) -> bool:
+        """One attempt to reach Redis and set up the stream; True when it worked.
+
+        ``starting``: the first connection, which also checks the ACL and says why a failed
+        connection will not work by waiting (raising :class:`~.connection.RedisSetupError`)."""
         try:
             # connections from before an outage are dead: drop them all now, rather than
             # have each fail one request later
             await self._redis.connection_pool.disconnect()
             await self._redis.ping()
+            if starting:
+                await check_commands(self._redis, self.url, FRONT_COMMANDS, self.keys, self.client_id, "front")
             await ensure_group(self._redis, self.keys.requests)
             self._workers_checked = 0.0
             await self._count_workers_now_and_then()
         except AuthenticationError:
             raise  # a wrong password does not fix itself: fail loudly
-        except UNREACHABLE:
+        except UNREACHABLE as error:
+            problem = await diagnose(self.url, self.tls, error) if starting else None
+            if problem is not None:
+                raise problem from None
             return False
         if not self.connected:
             log.info("connected to %s", redact(self.url))

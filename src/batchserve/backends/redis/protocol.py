@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -83,22 +81,7 @@ class StreamKeys:
         return key.startswith(f"{self.base}:replies:") and len(key) > len(self.base) + 9
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS).
-
-    Commands fail fast (no retries, short timeouts) so an outage is seen at once; the
-    callers reconnect.
-    """
-    return aioredis.Redis.from_url(
-        _with_scheme(url),
-        socket_connect_timeout=1.0,
-        socket_timeout=READ_BLOCK_MS / 1000 + 2.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=10,
-    )
-
-
-def _with_scheme(url: str) -> str:
+def with_scheme(url: str) -> str:
     """Accept service-streamer's ``host:port`` too."""
     return url if "://" in url else f"redis://{url}"
 
@@ -134,7 +117,7 @@ def decode_error(payload: bytes) -> BatchserveError:
 
 def redact(url: str) -> str:
     """The URL without its password, for logs and /readyz."""
-    scheme, sep, rest = _with_scheme(url).partition("://")
+    scheme, sep, rest = with_scheme(url).partition("://")
     credentials, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{'***@' if at else ''}{host}"
 

@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from batchserve.aio import wait_event
+from batchserve.backends.redis.connection import WORKER_COMMANDS, TLSFiles, check_commands, connect, diagnose
 from batchserve.backends.redis.protocol import (
     GROUP,
     READ_BLOCK_MS,
@@ -50,7 +51,6 @@ from batchserve.backends.redis.protocol import (
     BadEntry,
     Entry,
     StreamKeys,
-    connect,
     ensure_group,
     error_reply,
     parse_entry,
@@ -421,13 +421,21 @@ async def serve_batchers(
     prefix: str = "",
     visibility_timeout: float = 10.0,
     stop: asyncio.Event | None = None,
+    tls: TLSFiles | None = None,
 ) -> None:
-    """Load the models, then serve their streams until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Load the models, then serve their streams until ``stop`` is set (or SIGTERM/SIGINT).
+
+    Before any model loads, what waiting cannot fix stops the worker with a
+    :class:`~.connection.RedisSetupError`: a wrong password, a URL of the wrong scheme for
+    the port, a certificate, a command the ACL denies."""
     stop = stop or _stop_on_signals()
-    client = connect(url)
-    await _wait_for_redis(client, url, stop)  # first: a wrong password fails before loading
-    await asyncio.gather(*(batcher.start() for batcher in batchers.values()))
+    client = connect(url, tls)
+    await _wait_for_redis(client, url, tls, stop)
     consumer = consumer_name()
+    if not stop.is_set():
+        for name in batchers:
+            await check_commands(client, url, WORKER_COMMANDS, StreamKeys(prefix, name), consumer, "worker")
+    await asyncio.gather(*(batcher.start() for batcher in batchers.values()))
     workers = [
         StreamWorker(client, StreamKeys(prefix, name), batcher, consumer, visibility_timeout)
         for name, batcher in batchers.items()
@@ -444,7 +452,7 @@ async def serve_batchers(
         await client.aclose()
 
 
-async def _wait_for_redis(client: aioredis.Redis, url: str, stop: asyncio.Event) -> None:
+async def _wait_for_redis(client: aioredis.Redis, url: str, tls: TLSFiles | None, stop: asyncio.Event) -> None:
     warned = False
     while not stop.is_set():
         try:
@@ -453,6 +461,9 @@ async def _wait_for_redis(client: aioredis.Redis, url: str, stop: asyncio.Event)
         except AuthenticationError as error:
             raise ValueError(f"Redis at {redact(url)} refused the credentials: {error}") from None
         except UNREACHABLE as error:
+            problem = await diagnose(url, tls, error)
+            if problem is not None:
+                raise problem from None
             if not warned:
                 log.warning("waiting for Redis at %s: %s", redact(url), error)
                 warned = True
@@ -491,6 +502,8 @@ def run_worker(settings: Settings, models: Mapping[str, ModelSpec]) -> None:
     configure_logging(settings.server.log_level.value)
     if not models:
         raise ValueError("these apps have no batched model to serve through Redis")
-    batchers = {name: Batcher.from_settings(spec, settings, name) for name, spec in models.items()}
     redis = settings.redis
-    asyncio.run(serve_batchers(batchers, redis.redis_url, redis.redis_prefix, redis.visibility_timeout))
+    tls = TLSFiles.of(redis)
+    tls.check(redis.redis_url)  # before any batcher exists
+    batchers = {name: Batcher.from_settings(spec, settings, name) for name, spec in models.items()}
+    asyncio.run(serve_batchers(batchers, redis.redis_url, redis.redis_prefix, redis.visibility_timeout, tls=tls))
