@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -30,7 +30,13 @@ from redis.connection import parse_url
 from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from batchserve.backends.redis.protocol import GROUP, READ_BLOCK_MS, StreamKeys, redact, with_scheme
+from batchserve.backends.redis.protocol import (
+    GROUP,
+    READ_BLOCK_MS,
+    StreamKeys,
+    redact,
+    with_scheme,
+)
 from batchserve.settings import RedisSettings
 
 #: seconds a diagnosis may take to reach the server again (only after a failed connection)
@@ -63,7 +69,7 @@ class TLSFiles:
     keyfile: str | None = None
 
     @classmethod
-    def of(cls, settings: RedisSettings) -> "TLSFiles":
+    def of(cls, settings: RedisSettings) -> TLSFiles:
         return cls(settings.redis_ca_file, settings.redis_certfile, settings.redis_keyfile)
 
     def check(self, url: str) -> None:

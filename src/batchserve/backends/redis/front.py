@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 
+import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from batchserve.backends.base import Backend, batch_deadline
