@@ -21,7 +21,12 @@ What it sets (see ``batchserve/server/gunicorn_config.py`` for the reasons):
 ``timeout = 300``           long enough for a worker to start its models
 ``max_requests``            10 000 with a jitter of 1 000: workers recycle one at a time
 ``post_fork``               threads per worker = cores // workers, every runtime
+``certfile``, ``keyfile``   HTTPS, from ``ssl_certfile``/``ssl_keyfile``; with ``ssl_ca_certs``,
+                            ``ca_certs`` and ``cert_reqs`` (client certificates required)
 ==========================  ==============================================================
+
+API keys: ``BATCHSERVE_API_KEY`` in the environment (several separated by spaces), or
+``"api_key_file"`` in the settings (docs/security.md).
 
 Override any of them below, after the import.
 """

@@ -28,14 +28,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`batchserve serve ARGS` on loopback; stopped (and reaped) by the fixture."""
+    """`batchserve serve ARGS` on loopback; stopped (and reaped) by the fixture.
 
-    def __init__(self, *args: str, ready_timeout: float | None = 120.0):
+    Its output (stderr with stdout) goes to a pipe, or to the file ``output`` when given: a
+    server that writes much (``--log-level debug``) would fill a pipe no one reads, and block.
+    """
+
+    def __init__(self, *args: str, ready_timeout: float | None = 120.0, output: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.output = output
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         command = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(self.port), "--drain-seconds", "0", *args]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sink = open(output, "wb") if output is not None else subprocess.PIPE  # noqa: SIM115  (the child holds it)
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        if output is not None:
+            sink.close()
         if ready_timeout is not None:
             self.wait_ready(ready_timeout)
 
@@ -43,7 +51,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                output = self.process.stdout.read().decode(errors="replace")
+                output = (self.process.stdout.read() if self.process.stdout else self.output.read_bytes()).decode(errors="replace")
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{output}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:

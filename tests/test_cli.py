@@ -25,7 +25,7 @@ def help_segments(name: str) -> dict[str, str]:
     """Each option's part of ``batchserve NAME --help``, whitespace collapsed (lines wrap)."""
     result = CliRunner().invoke(cli.app, [name, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    text = " ".join(re.sub(r"-\n\s+", "-", result.output).split())  # a word wrapped at its hyphen joined again
     params = [param for param in command(name).params if param.param_type_name == "option"]
     starts = []
     for param in params:
@@ -46,7 +46,8 @@ def shown_default(name: str) -> str | None:
     if default is None or default == "":
         return None
     if isinstance(default, bool):
-        return name if default else f"no-{name}"
+        flag = name.replace("_", "-")
+        return flag if default else f"no-{flag}"
     return str(default.value if hasattr(default, "value") else default)
 
 

@@ -16,6 +16,7 @@ from annotated_types import Ge, Le
 from batchserve.config import CONFIG_ENV
 from batchserve.extras import needs_extra
 from batchserve.settings import (
+    API_KEY_ENV,
     AppName,
     BackendKind,
     EncoderRuntimeName,
@@ -35,7 +36,9 @@ app = typer.Typer(
 )
 
 
-def option(name: str, *flags: str, help: str | None = None, show_default: bool | str = True) -> Any:
+def option(
+    name: str, *flags: str, help: str | None = None, show_default: bool | str = True, envvar: str | None = None
+) -> Any:
     """A typer option for the setting ``name``: default, bounds and help from its field.
 
     List settings and settings whose default is computed get ``None`` (meaning "the
@@ -53,7 +56,7 @@ def option(name: str, *flags: str, help: str | None = None, show_default: bool |
         default = None
         if show_default is True:
             shown = ", ".join(map(str, field.default_factory()))
-    return typer.Option(default, *flags, help=help or field.description, show_default=shown, **bounds)
+    return typer.Option(default, *flags, help=help or field.description, show_default=shown, envvar=envvar, **bounds)
 
 
 @contextlib.contextmanager
@@ -172,6 +175,13 @@ def serve(
     docs: bool = option("docs", "--docs/--no-docs"),
     metrics: bool = option("metrics", "--metrics/--no-metrics"),
     log_level: LogLevel = option("log_level"),
+    api_keys: List[str] = option("api_keys", "--api-key", envvar=API_KEY_ENV, show_default=False),
+    api_key_file: Optional[str] = option("api_key_file"),
+    public_metrics: bool = option("public_metrics", "--public-metrics/--no-public-metrics"),
+    ssl_certfile: Optional[str] = option("ssl_certfile"),
+    ssl_keyfile: Optional[str] = option("ssl_keyfile"),
+    ssl_ca_certs: Optional[str] = option("ssl_ca_certs"),
+    cors_origins: List[str] = option("cors_origins", "--cors-origins", show_default=False),
 ) -> None:
     """Serve models over HTTP."""
     run_server(settings_from(**locals()))
@@ -185,8 +195,19 @@ def check_devices(settings: Settings) -> None:
         check(settings.process.devices)
 
 
+def check_front_door(settings: Settings) -> None:
+    """The API key file and the TLS files load, or the server is refused before any model loads (exit status 2)."""
+    from batchserve.server.auth import load_keys
+    from batchserve.server.run import check_tls
+
+    with exit_on_user_error():
+        load_keys(settings.server)
+        check_tls(settings.server)
+
+
 def run_server(settings: Settings) -> None:
     check_devices(settings)
+    check_front_door(settings)
     if settings.server.http_workers > 1:
         run_gunicorn(settings)
         return

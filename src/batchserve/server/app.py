@@ -8,6 +8,9 @@ on uvicorn, :mod:`batchserve.server.run`, and its gunicorn workers,
 on stderr.  Without a runner (the app mounted elsewhere, tests), ``/readyz`` stays 503 and
 names the error.  Once every service has started, ``app.state.on_ready()`` is called when
 the runner set it (it prints the "ready on URL" line).
+
+Around everything, access control (:func:`_add_access_control`): CORS outermost, then API keys
+(:mod:`batchserve.server.auth`), then the body limit.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import sys
 from typing import AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
-from batchserve.server import dashboard, model_list, pages
+from batchserve.server import auth, dashboard, model_list, pages
 from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.limits import BodyLimitMiddleware
@@ -38,6 +42,7 @@ log = logging.getLogger("batchserve.server")
 def create_app(settings: Settings | None = None, services: Iterable[Service] | None = None) -> FastAPI:
     """Build the app.  Models load after the server starts listening; ``/readyz`` says when."""
     settings = settings or Settings()
+    keys = auth.load_keys(settings.server)  # a missing or empty key file: refused before any model loads
     services = list(services) if services is not None else build_services(settings)
 
     @contextlib.asynccontextmanager
@@ -75,17 +80,39 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     app.include_router(model_list.build_router(services))
     _add_health_routes(app, services)
     pages.add_pages(app, services, docs=settings.server.docs, metrics=settings.server.metrics)
+    refused = None
     if settings.server.metrics:
         batchers = lambda: [b for s in services for b in s.batchers.values()]  # noqa: E731
         metrics = Metrics(batchers)
         for collector in {id(c): c for s in services for c in s.collectors}.values():
             metrics.registry.register(collector)  # engines that are not batchers (generation)
         app.state.errors_total = metrics.errors_total
+        refused = auth.refused_counter(metrics.registry) if keys else None
         _add_metrics_route(app, metrics)
         app.include_router(dashboard.build_router(metrics, batchers))
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    _add_access_control(app, settings, keys, refused)
     return app
+
+
+def _add_access_control(app: FastAPI, settings: Settings, keys: list[str], refused) -> None:
+    """API keys (outside the body limit: a request without a key is refused before its body is
+    read), then CORS outside them (a browser's preflight carries no key)."""
+    app.add_api_route(auth.KEY_SCRIPT_PATH, auth.key_script, methods=["GET"], include_in_schema=False)
+    if keys:
+        app.add_middleware(auth.ApiKeyMiddleware, keys=keys, public=auth.public_paths(settings.server), refused=refused)
+        log.info("API keys: %d accepted; public without one: %s", len(keys), ", ".join(sorted(auth.public_paths(settings.server))))
+    origins = settings.server.cors_origins
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],  # Authorization, Content-Type, X-Request-Timeout...
+            expose_headers=["Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
 
 
 def create_app_from_env() -> FastAPI:

@@ -14,6 +14,9 @@ hand, gunicorn reads the config file ``BATCHSERVE_CONFIG`` names too, under that
 * Each HTTP worker gets ``cores // N`` threads for the models it runs itself, for every
   runtime (torch's now, ``OMP_NUM_THREADS`` for ONNX Runtime and llama.cpp); a process
   backend in each gives its workers ``cores // (N x workers)``.
+* HTTPS: ``certfile``/``keyfile`` (and ``ca_certs`` with ``cert_reqs`` for client
+  certificates) from ``--ssl-*``; API keys reach the master in ``BATCHSERVE_API_KEY``, not in
+  the settings' JSON (:meth:`~batchserve.settings.Settings.to_env`).
 * A worker whose services cannot start exits with gunicorn's boot error and the master
   halts with status 3; when another worker fails the same way while the master is already
   halting (they load the same models, so they often fail together), gunicorn would raise
@@ -26,6 +29,7 @@ hand, gunicorn reads the config file ``BATCHSERVE_CONFIG`` names too, under that
 from __future__ import annotations
 
 import gc
+import ssl
 
 from gunicorn.errors import HaltServer
 
@@ -48,6 +52,12 @@ max_requests_jitter = 1_000  # ...plus up to this many, so they do not all resta
 loglevel = _server.log_level.value
 accesslog = None
 control_socket_disable = True  # gunicorn 25+: no shared control socket in $HOME (several servers may run)
+# HTTPS (--ssl-certfile, --ssl-keyfile; --ssl-ca-certs: client certificates required), as uvicorn alone
+certfile = _server.ssl_certfile
+keyfile = _server.ssl_keyfile
+if _server.ssl_ca_certs is not None:
+    ca_certs = _server.ssl_ca_certs
+    cert_reqs = ssl.CERT_REQUIRED
 
 
 def on_starting(server) -> None:

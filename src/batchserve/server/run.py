@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 import threading
 from types import FrameType
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 
 from batchserve.server import pages
 from batchserve.server.app import CANNOT_SERVE
-from batchserve.settings import Settings
+from batchserve.settings import ServerSettings, Settings
 
 log = logging.getLogger("batchserve.server")
 
@@ -80,6 +81,40 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def check_tls(server: ServerSettings) -> None:
+    """The certificate, its key and the client CA load (a ValueError naming the file and why, if not).
+
+    uvicorn and gunicorn would fail on them only once starting, with a traceback.
+    """
+    if server.ssl_certfile is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+    except (OSError, ssl.SSLError) as error:
+        files = server.ssl_certfile + (f" and --ssl-keyfile {server.ssl_keyfile}" if server.ssl_keyfile else "")
+        raise ValueError(f"--ssl-certfile {files}: cannot load the certificate and its key: {_reason(error)}") from None
+    if server.ssl_ca_certs is not None:
+        try:
+            context.load_verify_locations(server.ssl_ca_certs)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"--ssl-ca-certs {server.ssl_ca_certs}: cannot load the CA certificates: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
+
+
+def tls_options(server: ServerSettings) -> dict:
+    """uvicorn's HTTPS options: the certificate and key, and with a CA, client certificates required."""
+    if server.ssl_certfile is None:
+        return {}
+    options = {"ssl_certfile": server.ssl_certfile, "ssl_keyfile": server.ssl_keyfile}
+    if server.ssl_ca_certs is not None:
+        options |= {"ssl_ca_certs": server.ssl_ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
 def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
     server = settings.server
     config = uvicorn.Config(
@@ -92,6 +127,7 @@ def serve(app: FastAPI, settings: Settings, log_config: dict) -> None:
         log_level=server.log_level.value,
         access_log=False,
         timeout_graceful_shutdown=server.grace,
+        **tls_options(server),
     )
     runner = DrainingServer(config, app, server.drain_seconds)
     app.state.stop_serving = runner.cannot_serve

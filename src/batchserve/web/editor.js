@@ -94,7 +94,7 @@ async function suggest() {
   pending = controller;
   status.textContent = "thinking…";
   try {
-    const response = await fetch("/autocomplete", {
+    const response = await batchserveKey.fetch("/autocomplete", {  // with the API key, when the server needs one
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({
@@ -147,5 +147,7 @@ editor.addEventListener("keydown", (event) => {
   }
 });
 
-editor.addEventListener("blur", () => setTimeout(close, 150));
+// Focus gone elsewhere closes the suggestions, unless it came back meanwhile (a click on a field and
+// back, then Tab: the suggestions shown since must stay open).
+editor.addEventListener("blur", () => setTimeout(() => { if (document.activeElement !== editor) close(); }, 150));
 button.addEventListener("click", () => { editor.focus(); suggest(); });
