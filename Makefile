@@ -30,6 +30,7 @@ venv: $(STAMP)
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl >/dev/null)  # tests' throwaway CAs
 
 # where `make run` listens (tests/test_readme.py runs it on a free port)
 HOST ?= 127.0.0.1
