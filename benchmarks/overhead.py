@@ -13,14 +13,22 @@ Configurations:
 * ``embeddings``: ``POST /v1/embeddings`` (thread backend), the hot path of issue 11;
 * ``embeddings-process``: the same with the default CPU layout (process backend, one worker
   per core), workers' CPU included;
+* ``embeddings-key``: ``embeddings`` with ``--api-key``, every request sending it
+  (``Authorization: Bearer``): with ``embeddings`` beside it, what the key check costs;
 * ``predict``: ``POST /models/zero/predict`` (thread backend), a user model's route;
 * ``floor``: a bare ASGI app on uvicorn with the server's uvicorn settings, reading the body
   and answering a constant embeddings answer of the same size: what HTTP alone costs.
+
+The key check alone is also timed in this process (:func:`key_check_cost`): the API-key
+middleware's ASGI call around an app that answers nothing, minus that app called directly.
+The difference of two server figures is a small number between two noisy ones; this is the
+middleware's own cost, exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -32,17 +40,23 @@ import time
 from pathlib import Path
 
 import orjson
-from harness import ROOT, Server, machine, markdown_table, now_utc, publish
+from harness import Server, machine, markdown_table, now_utc, publish
 
 from batchserve.bench.bodies import sentence
 
 LOAD_LIMIT = 3.0
 MAX_ROUNDS = 4
 CONNECTIONS = 64
+BENCH_KEY = "bench-overhead-key-0123456789abcdef"  # 36 characters, as a generated key might be
 SERVE = [sys.executable, "benchmarks/zero_model.py", "serve", "--max-batch-size", "64"]
 CONFIGS = {  # name -> (server command, request path, body builder)
     "embeddings": (
         [*SERVE, "--app", "embeddings", "--backend", "thread"],
+        "/v1/embeddings",
+        lambda text: {"input": [text], "model": "all-MiniLM-L6-v2"},
+    ),
+    "embeddings-key": (
+        [*SERVE, "--app", "embeddings", "--backend", "thread", "--api-key", BENCH_KEY],
         "/v1/embeddings",
         lambda text: {"input": [text], "model": "all-MiniLM-L6-v2"},
     ),
@@ -64,6 +78,7 @@ CONFIGS = {  # name -> (server command, request path, body builder)
 }
 DESCRIPTIONS = {
     "embeddings": "`POST /v1/embeddings`, thread backend",
+    "embeddings-key": "`POST /v1/embeddings`, thread backend, `--api-key` (each request sends it)",
     "embeddings-process": "`POST /v1/embeddings`, default layout (process backend, 2 workers; their CPU counted)",
     "predict": "`POST /models/zero/predict`, thread backend",
     "floor": "bare ASGI app on uvicorn (reads the body, answers a constant embeddings answer)",
@@ -73,17 +88,19 @@ DESCRIPTIONS = {
 # --------------------------------------------------------------------------- measuring
 
 
-def wrk_script(path: str, build, directory: Path, count: int = 256) -> Path:
-    """A wrk Lua script cycling through ``count`` bodies of one short sentence each."""
+def wrk_script(path: str, build, directory: Path, count: int = 256, key: str | None = None) -> Path:
+    """A wrk Lua script cycling through ``count`` bodies of one short sentence each (with the API key, if given)."""
     rng = random.Random(0)
     bodies = [orjson.dumps(build(sentence(rng, long=False))).decode() for _ in range(count)]
     lines = ",\n".join("  " + _lua_string(body) for body in bodies)
-    script = directory / f"wrk{path.replace('/', '-')}.lua"
+    script = directory / f"wrk{path.replace('/', '-')}{'-key' if key else ''}.lua"
+    authorization = f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else ""
     script.write_text(
         f"bodies = {{\n{lines}\n}}\n"
         "counter = 0\n"
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
+        f"{authorization}"
         "request = function()\n"
         "  counter = counter + 1\n"
         f'  return wrk.format("POST", "{path}", nil, bodies[(counter % #bodies) + 1])\n'
@@ -105,7 +122,7 @@ def _lua_string(text: str) -> str:
 def wrk(url: str, script: Path, seconds: float) -> dict:
     finished = subprocess.run(
         ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "-s", str(script), url],
-        capture_output=True, text=True, timeout=seconds + 60,
+        check=False, capture_output=True, text=True, timeout=seconds + 60,
     )
     found = re.search(r"RESULT requests=(\d+) non2xx=(\d+) errors=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+)", finished.stdout)
     if found is None:
@@ -160,16 +177,37 @@ def measure_round(server: Server, script: Path, seconds: float, warmup: float) -
     }
 
 
-def measure(config: str, seconds: float, warmup: float, rounds: int, directory: Path) -> dict:
-    command, path, build = CONFIGS[config]
-    script = wrk_script(path, build, directory)
-    taken = []
-    with Server(f"overhead-{config}", command) as server:
-        while len(taken) < rounds or (taken[-1]["load"] > LOAD_LIMIT and len(taken) < MAX_ROUNDS):
-            figure = measure_round(server, script, seconds, warmup if not taken else 1.0)
-            print(f"{config}: {figure['ms_cpu_per_request']:.3f} ms CPU/request, {figure['requests_per_s']:.0f} req/s, "
-                  f"load {figure['loads'][0]:.1f} -> {figure['loads'][1]:.1f}", file=sys.stderr)
-            taken.append(figure)
+#: measured side by side (both servers up, their rounds taking turns), so that a change in the
+#: machine's load falls on both alike: the API key's cost is their difference, round by round
+SIDE_BY_SIDE = ("embeddings", "embeddings-key")
+
+
+def measure(configs: list[str], seconds: float, warmup: float, rounds: int, directory: Path) -> dict[str, dict]:
+    """Each configuration's rounds and medians; several configurations' servers are all up and
+    their rounds take turns."""
+    scripts = {}
+    for config in configs:
+        command, path, build = CONFIGS[config]
+        scripts[config] = wrk_script(path, build, directory, key=BENCH_KEY if "--api-key" in command else None)
+    taken: dict[str, list[dict]] = {config: [] for config in configs}
+
+    def more() -> bool:
+        done = len(taken[configs[0]])
+        loaded = done and max(taken[config][-1]["load"] for config in configs) > LOAD_LIMIT
+        return done < rounds or (loaded and done < MAX_ROUNDS)
+
+    with contextlib.ExitStack() as stack:
+        servers = {config: stack.enter_context(Server(f"overhead-{config}", CONFIGS[config][0])) for config in configs}
+        while more():
+            for config in configs:
+                figure = measure_round(servers[config], scripts[config], seconds, warmup if not taken[config] else 1.0)
+                print(f"{config}: {figure['ms_cpu_per_request']:.3f} ms CPU/request, {figure['requests_per_s']:.0f} req/s, "
+                      f"load {figure['loads'][0]:.1f} -> {figure['loads'][1]:.1f}", file=sys.stderr)
+                taken[config].append(figure)
+    return {config: _summary(rounds_taken) for config, rounds_taken in taken.items()}
+
+
+def _summary(taken: list[dict]) -> dict:
     return {
         "rounds": taken,
         "ms_cpu_per_request": statistics.median(r["ms_cpu_per_request"] for r in taken),
@@ -180,7 +218,39 @@ def measure(config: str, seconds: float, warmup: float, rounds: int, directory: 
     }
 
 
-def section(figures: dict, label: str, command: str, seconds: float) -> str:
+def key_check_cost(keys: int, requests: int = 100_000, rounds: int = 7) -> float:
+    """Microseconds the API-key middleware adds to one request with a valid key, ``keys`` keys
+    configured: its ASGI call around an app that does nothing, minus that app's own call (the
+    median of ``rounds`` rounds of ``requests`` requests).  The request has the headers a client
+    sends (wrk's, plus ``Authorization``), the key last of them."""
+    import asyncio
+
+    from batchserve.server.auth import PUBLIC_PATHS, ApiKeyMiddleware
+
+    async def nothing(scope, receive, send) -> None:
+        return None
+
+    checked = ApiKeyMiddleware(nothing, keys=[*(f"other-key-{i:026d}" for i in range(keys - 1)), BENCH_KEY], public=PUBLIC_PATHS)
+    headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"), (b"content-length", b"80"),
+               (b"authorization", f"Bearer {BENCH_KEY}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": headers}
+
+    async def loop(app) -> float:
+        started = time.perf_counter()
+        for _ in range(requests):
+            await app(scope, None, None)
+        return time.perf_counter() - started
+
+    async def measure_both() -> list[float]:
+        differences = []
+        for _ in range(rounds):
+            differences.append(await loop(checked) - await loop(nothing))
+        return differences
+
+    return 1e6 * statistics.median(asyncio.run(measure_both())) / requests
+
+
+def section(figures: dict, label: str, command: str, seconds: float, key_costs: dict[int, float]) -> str:
     rows = []
     for config, figure in figures.items():
         spread = [r["ms_cpu_per_request"] for r in figure["rounds"]]
@@ -190,6 +260,19 @@ def section(figures: dict, label: str, command: str, seconds: float) -> str:
             f"{figure['cpu_share']:.2f}", f"{figure['p50_ms']:.1f}", f"{figure['load'][0]:.1f}-{figure['load'][1]:.1f}",
         ])
     header = ["server", "ms CPU / request", "rounds (min-max, n)", "req/s", "server CPU cores busy", "p50 ms", "load avg"]
+    key_line = ""
+    if "embeddings" in figures and "embeddings-key" in figures:
+        pairs = zip(figures["embeddings"]["rounds"], figures["embeddings-key"]["rounds"])
+        differences = [keyed["ms_cpu_per_request"] - plain["ms_cpu_per_request"] for plain, keyed in pairs]
+        plain = [r["ms_cpu_per_request"] for r in figures["embeddings"]["rounds"]]
+        key_line = (
+            f"\n- API key, side by side (both servers up, rounds taking turns): `embeddings-key` - `embeddings` = "
+            f"{statistics.median(differences):+.3f} ms CPU a request, the median of the rounds' differences "
+            f"({', '.join(f'{d:+.3f}' for d in differences)}); the keyless server's own rounds spread "
+            f"{max(plain) - min(plain):.3f} ms"
+        )
+    costs = ", ".join(f"{cost / 1000:.4f} ms with {keys} key{'s' if keys > 1 else ''}" for keys, cost in key_costs.items())
+    key_line += f"\n- API key check alone, in process (the middleware's ASGI call, an app doing nothing inside): {costs}"
     return f"""
 ## Server overhead per request, zero-cost model{f' ({label})' if label else ''} — {now_utc()}
 
@@ -200,7 +283,7 @@ def section(figures: dict, label: str, command: str, seconds: float) -> str:
   a round at a load average above {LOAD_LIMIT:g} is repeated (at most {MAX_ROUNDS} rounds), the median given;
   "load avg" is the 1-minute load average before/after the rounds (2 cores, shared)
 - model: benchmarks/zero_model.py (a fixed 384-float vector per text; the embeddings route still counts tokens
-  with the bundled tokenizer, as it does for the real model)
+  with the bundled tokenizer, as it does for the real model){key_line}
 
 {markdown_table(header, rows)}
 """
@@ -220,9 +303,15 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configuration(s): {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as directory:
-        figures = {name: measure(name, args.seconds, args.warmup, args.rounds, Path(directory)) for name in configs}
+        together = [name for name in configs if name in SIDE_BY_SIDE]
+        groups = [together] * bool(together) + [[name] for name in configs if name not in SIDE_BY_SIDE]
+        figures: dict[str, dict] = {}
+        for group in groups:
+            figures |= measure(group, args.seconds, args.warmup, args.rounds, Path(directory))
+        figures = {name: figures[name] for name in configs}
     command = "python benchmarks/overhead.py" + "".join(f" {a}" for a in sys.argv[1:])
-    publish(section(figures, args.label, command, args.seconds), write=not args.no_write)
+    key_costs = {keys: key_check_cost(keys) for keys in (1, 10)}
+    publish(section(figures, args.label, command, args.seconds, key_costs), write=not args.no_write)
 
 
 if __name__ == "__main__":
