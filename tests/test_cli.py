@@ -132,8 +132,8 @@ def test_worker_options_and_the_backend_it_picks(monkeypatch):
 @pytest.mark.parametrize(
     "args, named",
     [
-        (["--timeout", "0"], "timeout"),  # a strict bound: the settings refuse it
-        (["--max-timeout", "-1"], "max_timeout"),
+        (["--timeout", "0"], "--timeout"),  # a strict bound: the settings refuse it
+        (["--max-timeout", "-1"], "--max-timeout"),
     ],
 )
 def test_a_value_the_settings_refuse_exits_2_with_one_line(monkeypatch, args, named):

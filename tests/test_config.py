@@ -222,6 +222,14 @@ def test_flag_over_file_over_default(config_file):
     assert config_json(env={"BATCHSERVE_CONFIG": path})["settings"]["server"]["port"] == 9000
 
 
+def test_an_options_environment_variable_is_over_the_file(config_file):
+    path = config_file("server: {api_keys: [sk-from-file], port: 9000}\n")
+    shown = config_json("--config", path, env={"BATCHSERVE_API_KEY": "sk-from-env"})
+    assert shown["sources"]["server.api_keys"] == "env (BATCHSERVE_API_KEY)"
+    assert shown["settings"]["server"]["api_keys"] == ["**********"]  # one key, the variable's, masked
+    assert "sk-from" not in json.dumps(shown)
+
+
 def test_serve_runs_with_what_config_shows(monkeypatch, config_file):
     path = config_file("server: {port: 9000}\nmax_latency: 0.2\nmodels:\n  m: {model: tests.fakes:double, workers: 2}\n")
     shown = config_json("--config", path, "--timeout", "5")["settings"]

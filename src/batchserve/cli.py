@@ -159,12 +159,12 @@ def serve(
     http_workers: int = option("http_workers"),
     redis_url: Optional[str] = option("redis_url", "--redis-url"),
     redis_prefix: str = option("redis_prefix", "--prefix"),
-    drain_seconds: float = option("drain_seconds"),
-    grace: float = option("grace"),
-    runtime: EncoderRuntimeName = option("runtime"),
     redis_ca_file: Optional[str] = option("redis_ca_file"),
     redis_certfile: Optional[str] = option("redis_certfile"),
     redis_keyfile: Optional[str] = option("redis_keyfile"),
+    drain_seconds: float = option("drain_seconds"),
+    grace: float = option("grace"),
+    runtime: EncoderRuntimeName = option("runtime"),
     quantize: Quantization = option("quantize"),
     generation_model: Optional[str] = option("generation_model"),
     generation_cache_dir: Optional[str] = option("generation_cache_dir"),
@@ -291,6 +291,9 @@ def worker(
     apps: List[AppName] = option("apps", "--app", help="built-in app whose models to serve; repeatable", show_default="embeddings"),
     models: List[str] = option("models", "--model", help="your model as [name=]module:attr, as given to serve", show_default=False),
     redis_prefix: str = option("redis_prefix", "--prefix"),
+    redis_ca_file: Optional[str] = option("redis_ca_file"),
+    redis_certfile: Optional[str] = option("redis_certfile"),
+    redis_keyfile: Optional[str] = option("redis_keyfile"),
     workers: int = option("workers", help="model processes on this host (more than 1: supervised processes)"),
     devices: List[str] = option("devices", "--devices", help="cpu, or cuda:0,cuda:1 (round-robin over processes)"),
     threads_per_worker: Optional[int] = option(
@@ -312,9 +315,6 @@ def worker(
         from batchserve.backends.redis.worker import run_worker
 
     found = effective_settings(options.pop("ctx"), options.pop("config"), options)
-    redis_ca_file: Optional[str] = option("redis_ca_file"),
-    redis_certfile: Optional[str] = option("redis_certfile"),
-    redis_keyfile: Optional[str] = option("redis_keyfile"),
     if not found.settings.redis.redis_url:
         typer.echo("batchserve: a worker needs --redis-url (or redis_url in its config file)", err=True)
         raise typer.Exit(2)
