@@ -19,8 +19,19 @@ import sys
 
 import numpy as np
 from harness import (
-    PEERS, LoadAverage, RawEncoder, Server, drive, errors, latency, machine, markdown_table, mean_batch,
-    merge_rounds, now_utc, publish,
+    PEERS,
+    LoadAverage,
+    RawEncoder,
+    Server,
+    drive,
+    errors,
+    latency,
+    machine,
+    markdown_table,
+    mean_batch,
+    merge_rounds,
+    now_utc,
+    publish,
 )
 
 THROUGHPUT_TARGET = 0.85  # batchserve at c=64 / raw batch-64

@@ -156,7 +156,8 @@ def main() -> None:
     rows = [
         ["one request (n=1), tok/s", f"{args.max_tokens / latency[1]:.1f} tok/s", "", ""],
         ["latency, n=1", f"{latency[1]:.2f} s", "1.00×", ""],
-        ["latency, n=3", f"{latency[3]:.2f} s", f"{n_ratio:.2f}×", f"≤ {N_RATIO_TARGET}× {'met' if n_ratio <= N_RATIO_TARGET else 'NOT met'}"],
+        ["latency, n=3", f"{latency[3]:.2f} s", f"{n_ratio:.2f}×",
+         f"≤ {N_RATIO_TARGET}× {'met' if n_ratio <= N_RATIO_TARGET else 'NOT met'}"],
         [f"one client at a time ({sequential_requests} requests)", f"{alone['tokens_per_s']:.1f} tok/s", "1.00×", ""],
         [
             f"{args.clients} concurrent clients ({args.clients * args.requests_each} requests)",

@@ -312,7 +312,8 @@ def main() -> None:
         f"(runtime {facts.get('runtime')}, {facts.get('precision')}); llama-server: "
         f"`--parallel 8 -t {args.threads} -c 8192 --no-webui`; both with their defaults otherwise (prompt/prefix caches on)"),
         (f"- every request temperature 1, ignore_eos; one request and n=3 vs n=1: median of {args.repeats} alternating "
-        f"pairs on a {len(PROMPT.split())}-word prompt, both servers up and taking turns request by request; editor clients: {args.clients} clients back to back for "
+        f"pairs on a {len(PROMPT.split())}-word prompt, both servers up and taking turns request by request; "
+        f"editor clients: {args.clients} clients back to back for "
         f"{args.duration:g} s, each prompt distinct (\"Note C.R: <a sentence>\"); next Tab: medians over "
         f"{args.documents} documents; latencies are wall clock at the client.{n_note}"),
         *([f"- note: {args.note}"] if args.note else []),

@@ -100,10 +100,10 @@ def measure(duration: float, rounds: int) -> dict[str, dict[int, list[dict]]]:
     figures: dict[str, dict[int, list[dict]]] = {}
     with redis_server() as url, ExitStack() as stack:
         systems = layouts(url)
-        for name, (_, worker_args) in systems.items():
+        for _, worker_args in systems.values():
             for args in worker_args:
                 stack.enter_context(worker(url, *args))
-        for name, (_, worker_args) in systems.items():
+        for _, worker_args in systems.values():
             if worker_args:
                 wait_for_workers(url, worker_args[0][1], len(worker_args))
         servers = {

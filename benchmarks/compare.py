@@ -36,8 +36,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 from harness import (
-    ENV, PEERS, ROOT, LoadAverage, Server, append_results, drive, errors, latency, machine, markdown_table, mean_batch,
-    now_utc, raw_encode,
+    ENV,
+    PEERS,
+    ROOT,
+    LoadAverage,
+    Server,
+    append_results,
+    drive,
+    errors,
+    latency,
+    machine,
+    markdown_table,
+    mean_batch,
+    now_utc,
+    raw_encode,
 )
 
 CONCURRENCY = (1, 16, 64, 256)
@@ -194,7 +206,10 @@ def versions() -> str:
             found.append(f"{name} missing")
     python = INFINITY_VENV / "bin" / "python"
     if python.exists():
-        probe = "from importlib.metadata import version as v; print(f\"infinity-emb {v('infinity-emb')}, its onnxruntime {v('onnxruntime')}, optimum {v('optimum')}\")"
+        probe = (
+            "from importlib.metadata import version as v; "
+            "print(f\"infinity-emb {v('infinity-emb')}, its onnxruntime {v('onnxruntime')}, optimum {v('optimum')}\")"
+        )
         found.append(subprocess.run([str(python), "-c", probe], capture_output=True, text=True).stdout.strip())
     return ", ".join(found)
 

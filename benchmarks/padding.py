@@ -10,10 +10,10 @@ machine barely move the figures (unlike wall-clock throughput).  Appends to RESU
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
-
 from harness import LoadAverage, RawEncoder, machine, markdown_table, now_utc, publish
 
 BATCH = 64
@@ -38,11 +38,11 @@ def main() -> None:
     ways = {
         "one sentence at a time": lambda batch: [encode([text]) for text in batch],
         "one pass of 64 (padded to the longest)": lambda batch: encode(batch, batch_size=BATCH),
-        **{f"passes of {n}, grouped by length": (lambda n: lambda batch: encode(batch, batch_size=n))(n) for n in (8, 16, 32)},
+        **{f"passes of {n}, grouped by length": functools.partial(encode, batch_size=n) for n in (8, 16, 32)},
     }
     rows = []
     for name, way in ways.items():
-        figures = [cpu_ms_per_sentence(lambda: way(batch), len(batch)) for batch in batches]
+        figures = [cpu_ms_per_sentence(functools.partial(way, batch), len(batch)) for batch in batches]
         rows.append([name, sum(figures) / len(figures), min(figures), max(figures)])
     table = markdown_table(["how a batch of 64 runs", "CPU ms / sentence", "min", "max"], rows)
     text = f"""

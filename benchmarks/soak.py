@@ -19,10 +19,10 @@ import time
 
 import httpx
 import orjson
+from harness import Server, machine, markdown_table, now_utc, publish
 
 from batchserve.bench.bodies import TEMPLATES, sentences
 from batchserve.procinfo import descendants
-from harness import Server, machine, markdown_table, now_utc, publish
 
 DEADLINE = 30.0
 SAMPLE_EVERY = 30.0  # seconds between RSS samples under load

@@ -193,12 +193,12 @@ def test_a_bug_is_not_a_user_error_it_keeps_its_traceback(monkeypatch, bug):
 @pytest.mark.parametrize(
     "reference, says",
     [
-        ("no_such_module_here:predict", "--model no_such_module_here:predict: cannot import no_such_module_here: No module named 'no_such_module_here'"),
-        ("needs_a_package:predict", "--model needs_a_package:predict: cannot import needs_a_package: No module named 'package_not_installed'"),
-        ("tests.fakes:missing", "--model tests.fakes:missing: module tests.fakes has no attribute 'missing'"),
-        ("tests.fakes:echo.nope", "--model tests.fakes:echo.nope: tests.fakes:echo has no attribute 'nope'"),
-        ("tests.fakes", "--model tests.fakes: expected 'module:attribute', got 'tests.fakes'"),
-        ("tests.fakes:__name__", "--model tests.fakes:__name__: cannot use 'tests.fakes' as a model: give a function or an object with predict()"),
+        ("no_such_module_here:predict", "cannot import no_such_module_here: No module named 'no_such_module_here'"),
+        ("needs_a_package:predict", "cannot import needs_a_package: No module named 'package_not_installed'"),
+        ("tests.fakes:missing", "module tests.fakes has no attribute 'missing'"),
+        ("tests.fakes:echo.nope", "tests.fakes:echo has no attribute 'nope'"),
+        ("tests.fakes", "expected 'module:attribute', got 'tests.fakes'"),
+        ("tests.fakes:__name__", "cannot use 'tests.fakes' as a model: give a function or an object with predict()"),
     ],
 )
 def test_a_bad_model_reference_is_a_user_error_of_one_line(monkeypatch, tmp_path, reference, says):
@@ -207,7 +207,7 @@ def test_a_bad_model_reference_is_a_user_error_of_one_line(monkeypatch, tmp_path
     monkeypatch.setattr("batchserve.server.run.serve", lambda *args: pytest.fail("served a bad --model"))
     result = CliRunner().invoke(cli.app, ["serve", "--model", reference])
     assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [f"batchserve: {says}"]
+    assert result.stderr.strip().splitlines() == [f"batchserve: --model {reference}: {says}"]
 
 
 # --------------------------------------------------------------------------- the real command

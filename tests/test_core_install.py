@@ -14,10 +14,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from batchserve.extras import EXTRAS, MissingExtraError, missing_extra, needs_extra, require_extra
 

@@ -7,7 +7,6 @@ LitServe answers ``GET /health`` with 200 once its worker has loaded the model.
 from __future__ import annotations
 
 import litserve as ls
-
 from common import MODEL_NAME, load_encoder, port_argument, texts_of
 
 BATCH_SIZE = 64

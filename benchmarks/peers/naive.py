@@ -7,9 +7,8 @@ after another and nothing is batched across requests.
 from __future__ import annotations
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
-
 from common import load_encoder, openai_answer, port_argument, texts_of
+from fastapi import FastAPI, Request, Response
 
 
 def build_app() -> FastAPI:

@@ -12,10 +12,9 @@ import contextlib
 
 import anyio.to_thread
 import uvicorn
+from common import load_encoder, openai_answer, port_argument, texts_of
 from fastapi import Body, FastAPI, Response
 from service_streamer import ThreadedStreamer
-
-from common import load_encoder, openai_answer, port_argument, texts_of
 
 BATCH_SIZE = 64
 MAX_LATENCY = 0.1

@@ -238,9 +238,13 @@ def run_gunicorn(settings: Settings) -> None:
 @app.command()
 def bench(
     url: str = typer.Argument(..., help="server URL (the app's path is added) or a full endpoint URL"),
-    app_name: str = typer.Option("embeddings", "--app", help="body template: embeddings, cluster, completions, autocomplete, infill, custom"),
+    app_name: str = typer.Option(
+        "embeddings", "--app", help="body template: embeddings, cluster, completions, autocomplete, infill, custom"
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="model name for the custom template (/models/NAME/predict)"),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, help="closed loop: clients sending back to back (default 1)"),
+    concurrency: Optional[int] = typer.Option(
+        None, "--concurrency", "-c", min=1, help="closed loop: clients sending back to back (default 1)"
+    ),
     rate: Optional[float] = typer.Option(None, "--rate", "-r", min=0.001, help="open loop: requests per second, whatever the server does"),
     duration: float = typer.Option(10.0, "--duration", "-d", min=0.001, help="stop sending after this many seconds"),
     requests: Optional[int] = typer.Option(None, "--requests", "-n", min=1, help="stop after this many requests"),

@@ -35,8 +35,8 @@ from batchserve.settings import (
     Layer,
     Settings,
     SettingsError,
-    json_mapping,
     group_of,
+    json_mapping,
     options_layer,
     read_mapping,
 )

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 

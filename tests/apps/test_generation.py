@@ -149,7 +149,9 @@ def test_openai_client(server):
     several = openai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT, n=3, max_tokens=4, seed=3)
     assert sorted(choice.index for choice in several.choices) == [0, 1, 2]
 
-    chunks = list(openai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    prompt = "The capital of France is"
+    stream = openai.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=4, temperature=0, stream=True)
+    chunks = list(stream)
     assert "".join(chunk.choices[0].text for chunk in chunks) == completion.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -242,7 +244,8 @@ def test_readyz_and_metrics_show_the_runtime_and_its_prefix_cache(client):
         lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(f"{name} ")]
         return float(lines[0].split()[1])
 
-    hits, reused = counter("batchserve_generation_prefix_cache_hits_total"), counter("batchserve_generation_prefix_cache_reused_tokens_total")
+    hits = counter("batchserve_generation_prefix_cache_hits_total")
+    reused = counter("batchserve_generation_prefix_cache_reused_tokens_total")
     text = "The lighthouse keeper climbed the hundred and twelve steps to the lamp room every evening."
     complete(client, prompt=text, max_tokens=2, temperature=0)
     complete(client, prompt=text + " One night", max_tokens=2, temperature=0)

@@ -24,7 +24,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import threading
 import time

@@ -60,7 +60,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_each_row_keeps_its_own_parameters_in_one_batch():
     scores = logits(3, seed=6)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=3.0, top_k=1, seed=1), SamplingParams(temperature=3.0, top_k=3, seed=2)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=3.0, top_k=1, seed=1),
+        SamplingParams(temperature=3.0, top_k=3, seed=2),
+    ]
     top3 = set(scores[2].topk(3).indices.tolist())
     for _ in range(50):
         tokens = sample(scores, params, [row_generator(p.seed, 0) for p in params])

@@ -12,8 +12,6 @@ from batchserve.generation import scoring
 from batchserve.runtimes.torch import scoring as torch_scoring
 
 
-
-
 def whole_text_logprob(lm, text: str) -> float:
     ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
     with torch.inference_mode():

@@ -52,7 +52,10 @@ async def test_pickle_payloads_over_http_are_never_loaded(serve_app, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module", ["batchserve.wire", "batchserve.backends.redis.protocol", "batchserve.backends.redis.connection", "batchserve.backends.redis.front", "batchserve.backends.redis.worker"])
+NETWORK_MODULES = ["batchserve.wire"] + [f"batchserve.backends.redis.{name}" for name in ("protocol", "connection", "front", "worker")]
+
+
+@pytest.mark.parametrize("module", NETWORK_MODULES)
 def test_network_modules_do_not_use_pickle(module):
     import importlib
     import inspect

@@ -91,7 +91,8 @@ def test_https_on_uvicorn_with_keys_and_cors(start_server, pki):  # noqa: F811
         refused = client.get("/v1/models", headers={"Origin": ORIGIN})
         assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
         assert "WWW-Authenticate" in refused.headers["access-control-expose-headers"]
-        other = client.post("/models/echo/predict", json={"inputs": [3]}, headers={"Origin": "https://evil.test", "Authorization": f"Bearer {KEY}"})
+        elsewhere = {"Origin": "https://evil.test", "Authorization": f"Bearer {KEY}"}
+        other = client.post("/models/echo/predict", json={"inputs": [3]}, headers=elsewhere)
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
 
 

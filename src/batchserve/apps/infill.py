@@ -159,7 +159,7 @@ def build_router(host: GenerationHost, settings: Settings) -> APIRouter:
         engine = host.running_engine()
         deadline = time.monotonic() + timeout  # one deadline for every mask and step
         text, fills = parts[0], []
-        for index, suffix in enumerate(parts[1:]):
+        for suffix in parts[1:]:
             fill, ranked = await fill_one(engine, scorer, proposals, request, text, suffix, body.seed, deadline)
             text += fill + suffix
             fills.append(

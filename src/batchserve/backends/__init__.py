@@ -1,4 +1,5 @@
-"""Where batches run: a thread (:mod:`.thread`), supervised worker processes (:mod:`.process`), or remote workers through Redis (:mod:`.redis`).
+"""Where batches run: a thread (:mod:`.thread`), supervised worker processes (:mod:`.process`), or remote
+workers through Redis (:mod:`.redis`).
 
 One interface (:class:`Backend`, in :mod:`.base`); the names are in :mod:`.registry`.
 """

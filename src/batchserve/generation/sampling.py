@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
 GREEDY_BELOW = 1e-5  # temperatures this low are argmax (dividing by them overflows)
 
 

@@ -13,7 +13,6 @@ texts of new requests wait; the next call scores every waiting request's texts t
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from typing import TYPE_CHECKING, Callable
 

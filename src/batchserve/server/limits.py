@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchserve.server.json_response import dumps
 from batchserve.server.errors import error_content
+from batchserve.server.json_response import dumps
 
 
 class BodyTooLarge(HTTPException):

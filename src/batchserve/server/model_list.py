@@ -14,8 +14,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from batchserve.apps.base import Service
-from batchserve.server.openai_errors import MODEL_NOT_FOUND
 from batchserve.errors import ModelNotFoundError
+from batchserve.server.openai_errors import MODEL_NOT_FOUND
 
 OWNER = "batchserve"
 

@@ -216,7 +216,8 @@ def test_a_worker_user_missing_a_command_exits_naming_it(acl_redis, user, missin
 
 
 def test_a_worker_user_of_other_keys_exits_naming_them(acl_redis):
-    status, output = run_worker_until_it_exits("--redis-url", acl_redis.url(user="elsewhere", password="pw"), "--model", "tests.fakes:double")
+    url = acl_redis.url(user="elsewhere", password="pw")
+    status, output = run_worker_until_it_exits("--redis-url", url, "--model", "tests.fakes:double")
     assert status == 2 and "may not use the keys batchserve::double:*" in output, output
 
 

@@ -15,7 +15,6 @@ from batchserve.runtimes.torch.lm import TorchCausalLM
 from tests.runtimes.causal_lm_contract import PROMPTS, prefill_fork_decode_each_alone, rows_join_and_leave
 
 
-
 @pytest.fixture(scope="module")
 def lm():
     threads = torch.get_num_threads()
@@ -93,7 +92,7 @@ def test_release_frees_rows_and_decode_takes_every_live_sequence(lm):
 def test_a_failed_prefill_leaves_the_running_sequences_as_they_were(lm):
     prompt = lm.encode(PROMPTS[0])
     lm.prefill([0], [prompt])
-    with pytest.raises(Exception):
+    with pytest.raises((IndexError, RuntimeError)):
         lm.prefill([1], [[lm.model.config.vocab_size + 10]])  # no such token
     assert lm.live == [0]
     check(lm, lm.decode([0], [9]), [prompt + [9]])

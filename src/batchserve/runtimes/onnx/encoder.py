@@ -72,8 +72,9 @@ def sentence_modules(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{root}: modules {sorted(unknown)} are not supported by the ONNX runtime; use --runtime torch")
     pooling = json.loads((root / kinds["Pooling"]["path"] / "config.json").read_text())
-    modes = [name for name in ("cls_token", "mean_tokens", "max_tokens") if pooling.get(f"pooling_mode_{name}")]
-    others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k[13:] not in ("cls_token", "mean_tokens", "max_tokens")]
+    known = ("cls_token", "mean_tokens", "max_tokens")
+    modes = [name for name in known if pooling.get(f"pooling_mode_{name}")]
+    others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k[13:] not in known]
     if len(modes) != 1 or others:
         raise ValueError(f"{root}: pooling {pooling} is not supported by the ONNX runtime (one of cls, mean, max)")
     config = root / "sentence_bert_config.json"
