@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # the CPU that built it; LLAVA_BUILD=OFF: without the multimodal library batchserve does not use.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: run test soak bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
+.PHONY: run test lint soak bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,12 @@ PORT ?= 8000
 run: venv
 	$(BIN)/batchserve serve --host $(HOST) --port $(PORT)
 
-test: venv system-deps
+# seconds: ruff over the code, mypy (strict) over the core; `make test` runs it first
+lint: venv
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
+
+test: venv system-deps lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # the long runs: 60 s overload, long load tests, then the soak (bounded to 10 minutes)

@@ -85,7 +85,7 @@ class SharedWork:
     of None shares nothing.  Once the work has finished, the next caller starts it anew.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._running: dict[Hashable, _Shared] = {}
 
     def __len__(self) -> int:
@@ -115,6 +115,6 @@ class SharedWork:
 
 
 class _Shared:
-    def __init__(self, task: asyncio.Future):
+    def __init__(self, task: asyncio.Future[Any]):
         self.task = task
         self.callers = 0

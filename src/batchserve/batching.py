@@ -169,10 +169,10 @@ class DispatchPolicy:
 
 @dataclass(eq=False)
 class _Request:
-    items: list
+    items: list[Any]
     arrival: float
-    future: asyncio.Future
-    results: list = field(init=False)
+    future: asyncio.Future[list[Any]]
+    results: list[Any] = field(init=False)
     taken: int = 0  # items already handed to batches
     missing: int = field(init=False)  # items still without a result
     timer: asyncio.TimerHandle | None = None
@@ -199,7 +199,7 @@ class _Request:
             self.future.set_result(self.results)
 
 
-Batch = list  # of (request, item index) pairs
+Batch = list[tuple[_Request, int]]  # (request, item index) pairs
 
 
 @dataclass
@@ -211,12 +211,12 @@ class BatcherStats:
     batch as several passes, and where an error splits a batch to isolate its bad items.
     """
 
-    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # items per batch
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)  # items per batch
     batches: int = 0
     items: int = 0
-    pass_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows per model call that answered
+    pass_sizes: collections.Counter[int] = field(default_factory=collections.Counter)  # rows per model call that answered
     compute_seconds: float = 0.0
-    errors: collections.Counter = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
     # with a token budget: passes run, and tokens in them (real; padded = rows x longest)
     passes: int = 0
     real_tokens: int = 0
@@ -275,11 +275,11 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: LoopThread | None = None  # the private loop of sync callers
         self._start_lock = threading.Lock()
-        self._started: concurrent.futures.Future | None = None
+        self._started: concurrent.futures.Future[None] | None = None
         self._accepting = False
         self._changed: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task | None = None
-        self._batch_tasks: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "Batcher":
@@ -331,6 +331,7 @@ class Batcher:
             if first:
                 self._started = concurrent.futures.Future()
                 self._loop = loop
+        assert self._started is not None
         if not first:
             await asyncio.wrap_future(self._started)
             return
@@ -379,8 +380,9 @@ class Batcher:
 
     async def _close_here(self, grace: float) -> None:
         self._accepting = False
-        deadline = self._loop.time() + grace
-        while (self._queued_items or self._inflight) and self._loop.time() < deadline:
+        loop = asyncio.get_running_loop()  # the batcher's own
+        deadline = loop.time() + grace
+        while (self._queued_items or self._inflight) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for request in list(self._queue):
             request.fail(NotReadyError("batcher shut down before this request ran"))
@@ -414,7 +416,7 @@ class Batcher:
 
     # ---------------------------------------------------------------- calling styles
 
-    async def submit(self, items: Iterable, timeout: float | None = None) -> list:
+    async def submit(self, items: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """Await the outputs for ``items`` (in order)."""
         items = _item_list(items)
         if self._started is None or not self._started.done():
@@ -424,7 +426,7 @@ class Batcher:
             return await self._submit_here(items, timeout)
         return await asyncio.wrap_future(self.submit_future(items, timeout))
 
-    def submit_future(self, items: Iterable, timeout: float | None = None) -> concurrent.futures.Future:
+    def submit_future(self, items: Iterable[Any], timeout: float | None = None) -> concurrent.futures.Future[list[Any]]:
         """Queue ``items`` from any thread; the future resolves to their outputs."""
         items = _item_list(items)  # here, in the caller's thread: a generator is read where it was made
         if self._started is None:
@@ -441,7 +443,7 @@ class Batcher:
             submitting.close()
             raise NotReadyError(f"model {self.name!r} was stopped") from None
 
-    def predict(self, items: Iterable, timeout: float | None = None) -> list:
+    def predict(self, items: Iterable[Any], timeout: float | None = None) -> list[Any]:
         """Block until the outputs for ``items`` are ready (thread-safe)."""
         future = self.submit_future(items, timeout)
         limit = (timeout if timeout is not None else self.timeout) + 5.0
@@ -453,7 +455,7 @@ class Batcher:
 
     # ---------------------------------------------------------------- queueing
 
-    async def _submit_here(self, items: Iterable, timeout: float | None) -> list:
+    async def _submit_here(self, items: Iterable[Any], timeout: float | None) -> list[Any]:
         items = list(items)
         if not items:
             return []
@@ -468,6 +470,7 @@ class Batcher:
         self._queue.append(request)
         self._queued_items += len(items)
         self.policy.record_arrival(now)
+        assert self._changed is not None
         self._changed.set()
         return await request.future  # cancelling the caller cancels this future
 
@@ -485,8 +488,9 @@ class Batcher:
                 f"queue full ({self._queued_items} items waiting)", retry_after=self._retry_after()
             )
 
-    def _measure(self, items: list) -> list[int]:
+    def _measure(self, items: list[Any]) -> list[int]:
         """Tokens of each item, from the ``length`` function; a failure is the caller's error."""
+        assert self.length is not None
         try:
             lengths = [int(self.length(item)) for item in items]
         except Exception as error:
@@ -581,11 +585,13 @@ class Batcher:
                 request.fail(ModelError(f"internal error: {error}"))
         finally:
             self._inflight -= 1
+            assert self._changed is not None
             self._changed.set()
 
     def _passes(self, batch: Batch) -> list[Batch]:
         """The batch as length-grouped passes within the token budget (see :func:`length_passes`)."""
-        lengths = [request.lengths[index] for request, index in batch]
+        assert self.max_batch_tokens is not None
+        lengths = [(request.lengths or [])[index] for request, index in batch]  # each has lengths here
         groups = length_passes(lengths, self.max_batch_size, self.max_batch_tokens)
         passes = [[batch[position] for position in group] for group in groups]
         stats = self.stats
@@ -600,8 +606,9 @@ class Batcher:
         if not live:
             return 0
         inputs = [request.items[index] for request, index in live]
-        batch_deadline.set(max(request.timer.when() for request, _ in live))
-        started = self._loop.time()
+        batch_deadline.set(max(request.timer.when() for request, _ in live if request.timer is not None))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             outputs = _as_output_list(await self.backend.run(inputs), len(inputs))
         except (NotReadyError, OverloadedError, DeadlineExceededError) as error:
@@ -618,7 +625,7 @@ class Batcher:
             return await self._compute(live, retried=True)
         except Exception as error:
             return await self._isolate(live, error, retried)
-        self._record_pass(len(live), self._loop.time() - started)
+        self._record_pass(len(live), loop.time() - started)
         for (request, index), output in zip(live, outputs):
             request.deliver(index, output)
         return len(live)
@@ -664,7 +671,7 @@ def length_passes(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
     return passes
 
 
-def _item_list(items: Iterable) -> list:
+def _item_list(items: Iterable[Any]) -> list[Any]:
     """``items`` as a list.  A ``str`` or ``bytes`` is refused: ``list("abc")`` would make
     three one-character inputs of what is surely one."""
     if isinstance(items, (str, bytes, bytearray)):
@@ -678,16 +685,14 @@ def _item_list(items: Iterable) -> list:
         raise TypeError(f"items must be a list of inputs, got {type(items).__name__}") from None
 
 
-def _as_output_list(outputs: Any, expected: int) -> list:
+def _as_output_list(outputs: Any, expected: int) -> list[Any]:
     try:
-        outputs = list(outputs)
+        listed: list[Any] = list(outputs)
     except TypeError:
         raise ModelError(f"predict returned {type(outputs).__name__}, expected a list") from None
-    if len(outputs) != expected:
-        raise ModelError(
-            f"predict returned {len(outputs)} outputs for a batch of {expected} inputs"
-        )
-    return outputs
+    if len(listed) != expected:
+        raise ModelError(f"predict returned {len(listed)} outputs for a batch of {expected} inputs")
+    return listed
 
 
 def _model_error(error: Exception) -> ModelError:

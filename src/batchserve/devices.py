@@ -28,7 +28,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _ENV_LOCK = threading.Lock()
 
 
-def parse_devices(devices: str | Iterable) -> list[str]:
+def parse_devices(devices: str | Iterable[object]) -> list[str]:
     """``"cpu"``, ``"cuda:0,cuda:1"``, ``"0,1"``, ``(0, 1)``, ``["cuda:0", "1"]`` → ``["cpu"]``, ``["cuda:0", "cuda:1"]``…"""
     if isinstance(devices, str):
         devices = [devices]
@@ -39,7 +39,7 @@ def parse_devices(devices: str | Iterable) -> list[str]:
     return parsed
 
 
-def _parse_one(device) -> str:
+def _parse_one(device: object) -> str:
     text = str(device).strip().lower()
     if text == "cpu":
         return "cpu"
@@ -51,7 +51,7 @@ def _parse_one(device) -> str:
     raise ValueError(f"unknown device {device!r}; use cpu, cuda:N or a GPU index")
 
 
-def check_devices(devices: str | Iterable) -> list[str]:
+def check_devices(devices: str | Iterable[object]) -> list[str]:
     """The parsed devices if each exists on this machine, else a ValueError naming those that do.
 
     torch is imported (to count CUDA devices) only when a GPU is asked for.
@@ -124,9 +124,9 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return _ratio(quota, period or "100000")
     for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
         base = os.path.join(root, controller)
-        quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
-        if quota is not None:
-            return _ratio(quota, _read(os.path.join(base, "cpu.cfs_period_us")) or "100000")
+        v1 = _read(os.path.join(base, "cpu.cfs_quota_us"))
+        if v1 is not None:
+            return _ratio(v1, _read(os.path.join(base, "cpu.cfs_period_us")) or "100000")
     return None
 
 

@@ -31,26 +31,26 @@ from batchserve.errors import ConfigError
 class Model(Protocol):
     def load(self) -> None: ...
 
-    def predict(self, batch: list) -> list: ...
+    def predict(self, batch: list[Any]) -> list[Any]: ...
 
 
 class FunctionModel:
     """A plain ``predict(batch) -> list`` function as a :class:`Model`."""
 
-    def __init__(self, function: Callable[[list], list]):
+    def __init__(self, function: Callable[[list[Any]], list[Any]]):
         self.function = function
 
     def load(self) -> None:
         pass
 
-    def predict(self, batch: list) -> list:
+    def predict(self, batch: list[Any]) -> list[Any]:
         return self.function(batch)
 
 
 class ObjectModel:
     """An instance with ``predict`` (and maybe ``load``), or a class built on ``load()``."""
 
-    def __init__(self, target: Any, args: tuple = (), kwargs: dict | None = None):
+    def __init__(self, target: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None):
         self.target = target
         self.args = args
         self.kwargs = kwargs or {}
@@ -63,10 +63,11 @@ class ObjectModel:
         if callable(load):
             load()
 
-    def predict(self, batch: list) -> list:
+    def predict(self, batch: list[Any]) -> list[Any]:
         if self.instance is None:
             raise RuntimeError("model used before load()")
-        return self.instance.predict(batch)
+        outputs: list[Any] = self.instance.predict(batch)
+        return outputs
 
 
 def import_object(reference: str) -> Any:
@@ -93,7 +94,7 @@ def import_object(reference: str) -> Any:
     return target
 
 
-def as_model(target: Any, args: tuple = (), kwargs: dict | None = None) -> Model:
+def as_model(target: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Model:
     """Adapt a function, a class, an instance or a ``"module:attr"`` string to a Model."""
     if isinstance(target, str):
         target = import_object(target)
@@ -113,8 +114,8 @@ class ModelSpec:
     """How to build a model, picklable by reference so another process can build it."""
 
     target: Any
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Model:
         return as_model(self.target, self.args, self.kwargs)

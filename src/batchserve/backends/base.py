@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from batchserve.devices import fork_safe_loading
 from batchserve.model import Model, ModelSpec
@@ -31,7 +31,7 @@ class Backend(ABC):
     @classmethod
     def from_settings(cls, spec: ModelSpec, settings: "Settings", name: str) -> "Backend":
         """This backend for the model ``spec`` (called ``name``), configured by ``settings``."""
-        return cls(spec)
+        raise NotImplementedError(f"{cls.__name__} is not built from settings")
 
     def preload(self) -> None:
         """Load in this process, before it forks, what forked processes should share.
@@ -50,7 +50,7 @@ class Backend(ABC):
         """How many batches can run at once right now."""
 
     @abstractmethod
-    async def run(self, batch: list) -> list:
+    async def run(self, batch: list[Any]) -> list[Any]:
         """Run ``predict(batch)`` on a free slot and return its outputs.
 
         Raises :class:`~batchserve.errors.WorkerDiedError` when the worker died under
@@ -60,7 +60,7 @@ class Backend(ABC):
     async def close(self) -> None:
         """Stop workers and free resources."""
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """Facts for ``/readyz`` (kind, workers up, ...)."""
         return {"capacity": self.capacity}
 
@@ -81,7 +81,7 @@ def load_before_fork(spec: ModelSpec) -> Model:
     return model
 
 
-def model_facts(model: Model | None) -> dict:
+def model_facts(model: Model | None) -> dict[str, Any]:
     """What a loaded model says about itself for ``/readyz`` (its ``describe()``, if it has one)."""
     instance = getattr(model, "instance", None)
     describe = getattr(instance, "describe", None)

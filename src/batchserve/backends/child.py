@@ -20,6 +20,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any, Callable
 
 from batchserve.backends.base import model_facts
 from batchserve.devices import set_torch_threads, worker_env
@@ -67,6 +68,7 @@ def _serve_batches(conn: Connection, model: Model) -> None:
             return  # the front went away
         if message[0] != "batch":
             return  # "stop"
+        reply: tuple[str, Any]
         try:
             reply = ("ok", model.predict(message[1]))
         except Exception as error:  # noqa: BLE001 - the front isolates the failing items
@@ -75,7 +77,7 @@ def _serve_batches(conn: Connection, model: Model) -> None:
             return
 
 
-def _send(conn: Connection, message: tuple) -> bool:
+def _send(conn: Connection, message: tuple[Any, ...]) -> bool:
     """Send a message; False when the front is gone.  Unpicklable outputs become an error."""
     try:
         conn.send(message)
@@ -93,13 +95,13 @@ class InheritedFd:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[Any], InheritedFd], tuple[Any]]:
         from multiprocessing.reduction import DupFd
 
         return _inherited_fd, (DupFd(self.fd),)
 
 
-def _inherited_fd(duplicate) -> InheritedFd:
+def _inherited_fd(duplicate: Any) -> InheritedFd:
     return InheritedFd(duplicate.detach())
 
 

@@ -42,7 +42,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from batchserve.aio import wait_event
 from batchserve.backends.base import Backend, load_before_fork
@@ -75,7 +75,7 @@ class _Worker:
     conn: Connection
     limit: int | None  # batches before recycling
     state: State = State.STARTING
-    job: asyncio.Future | None = None
+    job: asyncio.Future[tuple[Any, ...]] | None = None
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     start_timer: asyncio.TimerHandle | None = None
@@ -99,7 +99,7 @@ class ProcessBackend(Backend):
         spec: ModelSpec,
         *,
         workers: int = 1,
-        devices: str | Iterable = "cpu",
+        devices: str | Iterable[object] = "cpu",
         threads_per_worker: int | None = None,
         max_batches: int | None = None,
         start_method: str | None = None,
@@ -136,7 +136,7 @@ class ProcessBackend(Backend):
         self._ever_ready = False
         self._last_death = ""  # how the latest worker that was never ready died, and its last words
         self._closed = False
-        self._model_facts: dict = {}  # what the latest ready worker's model said about itself
+        self._model_facts: dict[str, Any] = {}  # what the latest ready worker's model said about itself
 
     @classmethod
     def from_settings(cls, spec: ModelSpec, settings: Settings, name: str) -> "ProcessBackend":
@@ -151,6 +151,18 @@ class ProcessBackend(Backend):
             max_batches=process.max_batches_per_worker,
             name=name,
         )
+
+    @property
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop :meth:`start` ran on (everything after it runs there)."""
+        assert self._loop is not None, "backend not started"
+        return self._loop
+
+    @property
+    def _freed_event(self) -> asyncio.Event:
+        """Set when a slot may have become free (or the start can go on)."""
+        assert self._freed is not None, "backend not started"
+        return self._freed
 
     # ---------------------------------------------------------------- Backend interface
 
@@ -176,10 +188,10 @@ class ProcessBackend(Backend):
     def capacity(self) -> int:
         return sum(1 for worker in self._slots if worker is not None and worker.up)
 
-    async def run(self, batch: list) -> list:
+    async def run(self, batch: list[Any]) -> list[Any]:
         worker = await self._acquire()
         worker.state = State.BUSY
-        worker.job = job = self._loop.create_future()
+        worker.job = job = self._started_loop.create_future()
         try:
             worker.conn.send(("batch", batch))
         except OSError:
@@ -191,7 +203,8 @@ class ProcessBackend(Backend):
         kind, payload = await job
         if kind == "error":
             raise ModelError(payload)
-        return payload
+        outputs: list[Any] = payload
+        return outputs
 
     async def close(self) -> None:
         self._closed = True
@@ -214,7 +227,7 @@ class ProcessBackend(Backend):
         if self._freed is not None:
             self._freed.set()  # wake run() calls waiting for a worker: they fail
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         up = [w for w in self._slots if w is not None and w.up]
         return {
             "backend": "process",
@@ -247,7 +260,7 @@ class ProcessBackend(Backend):
             limit = self.max_batches + random.randint(0, self.max_batches // 10)
         with _stderr_to_pipe() as pipe:
             real_stderr = InheritedFd(pipe[1]) if pipe is not None else None
-            process = self._context.Process(
+            process = self._context.Process(  # type: ignore[attr-defined]  # each context has Process
                 target=serve,
                 args=(worker_end, config, model, forked, real_stderr),
                 name=f"batchserve-{self.name}-{slot}",
@@ -268,20 +281,20 @@ class ProcessBackend(Backend):
         worker = _Worker(slot, process, front_end, limit)
         if pipe is not None:
             worker.stderr = _StderrPipe(pipe[0])
-            self._loop.add_reader(pipe[0], self._on_stderr, worker)
+            self._started_loop.add_reader(pipe[0], self._on_stderr, worker)
         self._slots[slot] = worker
-        self._loop.add_reader(front_end.fileno(), self._on_message, worker)
-        self._loop.add_reader(process.sentinel, self._on_exit, worker)
+        self._started_loop.add_reader(front_end.fileno(), self._on_message, worker)
+        self._started_loop.add_reader(process.sentinel, self._on_exit, worker)
         # uvloop (libuv) makes a watched descriptor non-blocking; our pipe must block, or a
         # message larger than the socket buffer would be cut short.  We only read it when
         # readable, and the worker reads every message we send at once.
         os.set_blocking(front_end.fileno(), True)
-        worker.start_timer = self._loop.call_later(self.start_timeout, self._start_timed_out, worker)
+        worker.start_timer = self._started_loop.call_later(self.start_timeout, self._start_timed_out, worker)
         log.info("worker %s/%d starting on %s (pid %d)", self.name, slot, device, process.pid)
 
     async def _wait_started(self) -> None:
         """Until every slot is up, or some are and the rest keep failing; raise if none can."""
-        deadline = self._loop.time() + self.start_timeout
+        deadline = self._started_loop.time() + self.start_timeout
         while True:
             if self._start_error is not None:
                 error, self._start_error = self._start_error, None
@@ -295,11 +308,11 @@ class ProcessBackend(Backend):
                 error = WorkerDiedError(self._never_ready_message())
                 await self.close()
                 raise error
-            if self._loop.time() > deadline:
+            if self._started_loop.time() > deadline:
                 await self.close()
                 raise NotReadyError(f"no worker of {self.name!r} started in {self.start_timeout:g} s")
-            self._freed.clear()
-            await wait_event(self._freed, 0.5)
+            self._freed_event.clear()
+            await wait_event(self._freed_event, 0.5)
 
     def _never_ready_message(self) -> str:
         message = (
@@ -331,11 +344,12 @@ class ProcessBackend(Backend):
             message = ("error", f"outputs cannot be read back from the worker: {error}")
         self._handle(worker, message)
 
-    def _handle(self, worker: _Worker, message: tuple) -> None:
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ready":
             self._ever_ready = True
-            worker.start_timer.cancel()
+            if worker.start_timer is not None:
+                worker.start_timer.cancel()
             self._failures[worker.slot] = 0
             self._set_idle(worker)
             self._capacity_changed()
@@ -346,7 +360,7 @@ class ProcessBackend(Backend):
             log.error("worker %s/%d failed to load the model: %s", self.name, worker.slot, message[1])
             if not self._started:
                 self._start_error = ModelError(f"model {self.name!r} failed to load in a worker: {message[1]}")
-                self._freed.set()
+                self._freed_event.set()
         elif kind in ("ok", "error"):
             job, worker.job = worker.job, None
             worker.batches += 1
@@ -361,7 +375,7 @@ class ProcessBackend(Backend):
         """The worker's process ended (or its pipe broke): settle its batch, maybe restart."""
         if worker.state is State.DEAD:
             return
-        while worker.state is not State.DEAD and _poll(worker.conn):
+        while worker.state is not State.DEAD and _poll(worker.conn):  # type: ignore[comparison-overlap]  # _handle changes it
             try:  # a reply written just before it died still counts
                 self._handle(worker, worker.conn.recv())
             except (EOFError, OSError):
@@ -413,7 +427,7 @@ class ProcessBackend(Backend):
         self._spawn(worker.slot)
 
     def _on_stderr(self, worker: _Worker) -> None:
-        if not worker.stderr.read():
+        if worker.stderr is not None and not worker.stderr.read():
             self._stop_reading_stderr(worker)  # end of file: the worker is ready (or gone)
 
     def _stop_reading_stderr(self, worker: _Worker) -> None:
@@ -453,19 +467,19 @@ class ProcessBackend(Backend):
             for worker in self._slots:
                 if worker is not None and worker.state is State.IDLE:
                     return worker
-            self._freed.clear()
-            await self._freed.wait()
+            self._freed_event.clear()
+            await self._freed_event.wait()
 
     def _set_idle(self, worker: _Worker) -> None:
         worker.state = State.IDLE
-        self._freed.set()
+        self._freed_event.set()
 
-    def _later(self, delay: float, callback, *args) -> None:
+    def _later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
         def fire() -> None:
             self._timers.discard(timer)
             callback(*args)
 
-        timer = self._loop.call_later(delay, fire)
+        timer = self._started_loop.call_later(delay, fire)
         self._timers.add(timer)
 
 
@@ -484,7 +498,7 @@ _stderr_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _stderr_to_pipe():
+def _stderr_to_pipe() -> Iterator[tuple[int, int] | None]:
     """Within: file descriptor 2 is the write end of a new pipe, which a process started now
     takes as its stderr.  Yields ``(read end, a copy of the real stderr)``; None where there is
     no stderr to swap."""
@@ -565,7 +579,7 @@ def _poll(conn: Connection) -> bool:
         return False
 
 
-def _exit_reason(process) -> str:
+def _exit_reason(process: Any) -> str:
     code = process.exitcode
     if code is None:
         return "stopped answering"
@@ -577,7 +591,7 @@ def _exit_reason(process) -> str:
     return f"exited with status {code}"
 
 
-def _stop_processes(processes: list, grace: float = 2.0) -> None:
+def _stop_processes(processes: list[Any], grace: float = 2.0) -> None:
     """SIGTERM what is still alive, then SIGKILL, and reap everything."""
     for process in processes:
         if process.is_alive():
@@ -596,7 +610,7 @@ class _suppress_os_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> bool:
         return kind is not None and issubclass(kind, (OSError, ValueError, KeyError))
 
 

@@ -33,16 +33,20 @@ def backend_class(kind: BackendKind | str) -> type[Backend]:
     except ValueError:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(k.value for k in BACKENDS)}") from None
     module, _, name = BACKENDS[known].partition(":")
+    found: type[Backend]
     if known not in EXTRA_OF:
-        return getattr(importlib.import_module(module), name)
-    with needs_extra(EXTRA_OF[known], f"the {known.value} backend"):
-        return getattr(importlib.import_module(module), name)
+        found = getattr(importlib.import_module(module), name)
+    else:
+        with needs_extra(EXTRA_OF[known], f"the {known.value} backend"):
+            found = getattr(importlib.import_module(module), name)
+    return found
 
 
 def create_backend(spec: ModelSpec, settings: Settings, name: str) -> Backend:
     """The backend ``settings.backend`` names (unset: :func:`auto_layout`'s), running the model ``spec`` (called ``name``)."""
     if settings.backend is None:
         settings = auto_layout(spec, settings)
+    assert settings.backend is not None  # auto_layout chose one
     return backend_class(settings.backend).from_settings(spec, settings, name)
 
 
@@ -80,5 +84,6 @@ def as_backend(model: Any) -> Backend:
     """A ready backend as it is; anything else (a model, a :class:`ModelSpec`) on a thread."""
     if isinstance(model, Backend):
         return model
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
-    return backend_class(BackendKind.thread)(spec)
+    from batchserve.backends.thread import ThreadBackend
+
+    return ThreadBackend(model if isinstance(model, ModelSpec) else ModelSpec(model))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from batchserve.backends.base import Backend, load_before_fork, model_facts
 from batchserve.model import Model, ModelSpec
+
+if TYPE_CHECKING:
+    from batchserve.settings import Settings
 
 
 class ThreadBackend(Backend):
@@ -35,7 +39,11 @@ class ThreadBackend(Backend):
     def capacity(self) -> int:
         return 1 if self.model is not None else 0
 
-    async def run(self, batch: list) -> list:
+    @classmethod
+    def from_settings(cls, spec: ModelSpec, settings: "Settings", name: str) -> "ThreadBackend":
+        return cls(spec)
+
+    async def run(self, batch: list[Any]) -> list[Any]:
         assert self._executor is not None and self.model is not None, "backend not started"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.model.predict, batch)
@@ -46,5 +54,5 @@ class ThreadBackend(Backend):
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"backend": "thread", "workers": 1, "workers_up": self.capacity, **model_facts(self.model)}

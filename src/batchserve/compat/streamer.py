@@ -62,14 +62,14 @@ class ManagedModel:
     def init_model(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("load your model in init_model()")
 
-    def predict(self, batch: list) -> list:
+    def predict(self, batch: list[Any]) -> list[Any]:
         raise NotImplementedError("return one output per input in predict(batch)")
 
 
 class ManagedModelLoader:
     """Adapts a :class:`ManagedModel` subclass to batchserve's ``load()`` / ``predict()``."""
 
-    def __init__(self, model_class: type, init_args: Iterable = (), init_kwargs: dict | None = None):
+    def __init__(self, model_class: type[ManagedModel], init_args: Iterable[Any] = (), init_kwargs: dict[str, Any] | None = None):
         self.model_class = model_class
         self.init_args = tuple(init_args)
         self.init_kwargs = dict(init_kwargs or {})
@@ -79,7 +79,9 @@ class ManagedModelLoader:
         self.instance = self.model_class(_worker_gpu_id())
         self.instance.init_model(*self.init_args, **self.init_kwargs)
 
-    def predict(self, batch: list) -> list:
+    def predict(self, batch: list[Any]) -> list[Any]:
+        if self.instance is None:
+            raise RuntimeError("model used before load()")
         return self.instance.predict(batch)
 
 
@@ -92,10 +94,10 @@ def _worker_gpu_id() -> int | None:
 class StreamerFuture:
     """What ``submit()`` returns: ``result(timeout=None)`` gives the batch's outputs."""
 
-    def __init__(self, future: concurrent.futures.Future):
+    def __init__(self, future: concurrent.futures.Future[list[Any]]):
         self._future = future
 
-    def result(self, timeout: float | None = None) -> list:
+    def result(self, timeout: float | None = None) -> list[Any]:
         """The outputs, in order; raises the model's error, or TimeoutError past ``timeout``."""
         try:
             return self._future.result(timeout)
@@ -136,7 +138,7 @@ class _Streamer:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit(self, batch: Iterable) -> StreamerFuture:
+    def submit(self, batch: Iterable[Any]) -> StreamerFuture:
         """Queue ``batch``; its outputs come from the returned future's ``result()``."""
         if self._destroyed:
             raise NotReadyError("destroy_workers() was called: this streamer no longer serves")
@@ -145,7 +147,7 @@ class _Streamer:
         remaining = deadline - time.monotonic()
         return StreamerFuture(self._batcher.submit_future(list(batch), timeout=max(remaining, 1e-3)))
 
-    def predict(self, batch: Iterable) -> list:
+    def predict(self, batch: Iterable[Any]) -> list[Any]:
         """The outputs for ``batch``, in order, batched with every concurrent caller's items."""
         return self.submit(batch).result()
 
@@ -167,7 +169,7 @@ class ThreadedStreamer(_Streamer):
 
     def __init__(
         self,
-        predict_function: Callable[[list], list],
+        predict_function: Callable[[list[Any]], list[Any]],
         batch_size: int,
         max_latency: float = 0.1,
         worker_timeout: float = 20,
@@ -193,13 +195,13 @@ class Streamer(_Streamer):
 
     def __init__(
         self,
-        predict_function_or_model: Callable[[list], list] | type,
+        predict_function_or_model: Callable[[list[Any]], list[Any]] | type,
         batch_size: int,
         max_latency: float = 0.1,
         worker_num: int = 1,
         cuda_devices: Iterable[int] | None = None,
-        model_init_args: Iterable | None = None,
-        model_init_kwargs: dict | None = None,
+        model_init_args: Iterable[Any] | None = None,
+        model_init_kwargs: dict[str, Any] | None = None,
         wait_for_worker_ready: bool = False,
         mp_start_method: str = "spawn",
         worker_timeout: float = 20,
@@ -209,7 +211,7 @@ class Streamer(_Streamer):
             spec = ModelSpec(ManagedModelLoader, (target, model_init_args or (), model_init_kwargs or {}))
         else:
             spec = ModelSpec(target)
-        devices = [int(gpu) for gpu in cuda_devices] if cuda_devices is not None else "cpu"
+        devices: str | list[int] = [int(gpu) for gpu in cuda_devices] if cuda_devices is not None else "cpu"
         batcher = Batcher(
             ProcessBackend(spec, workers=worker_num, devices=devices, start_method=mp_start_method, name=_name(target)),
             max_batch_size=batch_size,
