@@ -29,6 +29,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "rich": "rich",
         "httpx": "httpx",
         "fastapi_offline": "fastapi-offline",
+        "yaml": "pyyaml",
     },
     "embeddings": {
         "numpy": "numpy",
