@@ -85,6 +85,17 @@ def test_threaded_streamer_with_a_plain_function(direct_embedder):
         streamer.destroy_workers()
 
 
+def test_a_string_is_refused_not_split_into_characters():
+    streamer = ThreadedStreamer(lambda batch: [len(text) for text in batch], batch_size=4, max_latency=0.0, worker_timeout=10)
+    try:
+        with pytest.raises(TypeError, match="for one input pass"):
+            streamer.predict("abc")  # was [1, 1, 1]: three one-character inputs
+        assert streamer.predict(["abc"]) == [3]
+        assert streamer.predict(iter(["ab", "c"])) == [2, 1]  # any iterable of inputs still works
+    finally:
+        streamer.destroy_workers()
+
+
 def test_example_http_service(embedding_streamer, direct_embedder):
     from fastapi.testclient import TestClient
 

@@ -145,7 +145,8 @@ class _Streamer:
         deadline = time.monotonic() + self._worker_timeout
         self._wait_started(self._worker_timeout)
         remaining = deadline - time.monotonic()
-        return StreamerFuture(self._batcher.submit_future(list(batch), timeout=max(remaining, 1e-3)))
+        # the batcher reads the items (a str is refused there: list("abc") would be three inputs)
+        return StreamerFuture(self._batcher.submit_future(batch, timeout=max(remaining, 1e-3)))
 
     def predict(self, batch: Iterable[Any]) -> list[Any]:
         """The outputs for ``batch``, in order, batched with every concurrent caller's items."""
