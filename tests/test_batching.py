@@ -114,6 +114,16 @@ async def test_wrong_number_of_outputs_is_a_clear_error(make_batcher):
         await batcher.submit([1])
 
 
+def test_the_models_own_exception_is_the_errors_cause(make_batcher):
+    def predict(items):
+        raise KeyError(items[0])
+
+    batcher = make_batcher(predict)
+    with pytest.raises(ModelError, match="KeyError: 'x'") as raised:
+        batcher.predict(["x"])
+    assert isinstance(raised.value.__cause__, KeyError)  # the traceback reaches the model's line
+
+
 def test_a_str_given_as_items_is_refused_not_split_into_characters(make_batcher):
     batcher = make_batcher(lambda items: [2 * x for x in items])
     with pytest.raises(TypeError, match=r"items must be a list of inputs, got a str .* pass \[text\]"):

@@ -696,9 +696,13 @@ def _as_output_list(outputs: Any, expected: int) -> list[Any]:
 
 
 def _model_error(error: Exception) -> ModelError:
+    """The caller's error for the model's exception; the original stays its ``__cause__`` (a
+    traceback shows where the model failed)."""
     if isinstance(error, ModelError):
         return error
-    return ModelError(f"{type(error).__name__}: {error}")
+    wrapped = ModelError(f"{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _fail_all(batch: Batch, error: BaseException) -> None:
