@@ -45,7 +45,7 @@ PROBE_TIMEOUT = 1.0
 #: the commands a front sends (``ACL SETUSER`` names: ``command|subcommand``); redis-py's
 #: ``CLIENT SETINFO`` at connect is left out: its refusal is ignored (Redis 7.2 and newer log it
 #: in ``ACL LOG``; ``+client|setinfo`` there keeps the log quiet, and is unknown to 7.0)
-FRONT_COMMANDS = ("ping", "xgroup|create", "zcount", "xadd", "xread")
+FRONT_COMMANDS = ("ping", "xgroup|create", "zcount", "xadd", "xread", "xdel")
 #: the commands a worker sends
 WORKER_COMMANDS = (
     "ping", "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xadd", "expire",
