@@ -45,3 +45,15 @@ def record(batch: list) -> list:
     with open(os.environ[RECORD_ENV], "a", encoding="utf-8") as handle:
         handle.writelines(f"{item}\n" for item in batch)
     return [x * 2 for x in batch]
+
+
+#: :func:`gated` computes nothing until the file this names exists (set in the worker's environment)
+GATE_ENV = "BATCHSERVE_TEST_GATE"
+
+
+def gated(batch: list) -> list:
+    """Doubles numbers once the file named by $BATCHSERVE_TEST_GATE exists (at most 60 s): a worker held busy."""
+    give_up = time.monotonic() + 60
+    while not os.path.exists(os.environ[GATE_ENV]) and time.monotonic() < give_up:
+        time.sleep(0.01)
+    return [x * 2 for x in batch]

@@ -27,9 +27,10 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
-from batchserve.backends.base import Backend, batch_deadline
+from batchserve.backends.base import Backend, Backlog, batch_deadline
 from batchserve.backends.redis.connection import FRONT_COMMANDS, TLSFiles, check_commands, connect, diagnose
 from batchserve.backends.redis.protocol import (
+    GROUP,
     READ_BLOCK_MS,
     RECONNECT_DELAY,
     UNREACHABLE,
@@ -156,6 +157,29 @@ class RedisBackend(Backend):
             "waiting": len(self._waiting),
             "duplicate_replies": self.duplicate_replies,
         }
+
+    async def backlog(self) -> Backlog | None:
+        """The request stream now, in one round trip: its length (batches waiting for a worker
+        or being computed: entries are deleted once answered), its pending entries (read by a
+        worker, not yet answered) and the live workers.  None while Redis is unreachable.
+
+        The length is the autoscaling signal: a worker reads only while it has a free slot,
+        so batches waiting for capacity are in the stream but not pending."""
+        if not self.connected or self._redis is None:
+            return None
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self.keys.requests)
+                pipe.xpending(self.keys.requests, GROUP)
+                pipe.zcount(self.keys.workers, time.time(), "+inf")
+                length, pending, workers = await pipe.execute()
+        except UNREACHABLE as error:
+            self._lost(error)
+            return None
+        except ResponseError:  # no group yet (Redis restarted empty): the reader creates it again
+            return None
+        self.live_workers = workers
+        return Backlog(entries=length, pending=pending["pending"], workers=workers)
 
     # ---------------------------------------------------------------- run
 
