@@ -99,6 +99,11 @@ $(LLAMA_SERVER_BUILD)/bin/llama-server: | venv
 bench-redis: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
 
+# a redis front's backlog gauges under load, scaled from zero: why the stream's length is the autoscaling signal (issue 19)
+.PHONY: bench-backlog
+bench-backlog: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
+
 # the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
 .PHONY: bench-overhead
 bench-overhead: venv
