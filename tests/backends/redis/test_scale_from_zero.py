@@ -7,13 +7,17 @@ later answers it; a batch whose deadline passes first is answered 504 and never 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from batchserve import wire
+from batchserve.backends.redis.front import RedisBackend
+from batchserve.errors import NotReadyError
 from tests.redis_fixtures import (  # noqa: F401 - fixtures
     front_args,
     needs_redis,
@@ -125,3 +129,23 @@ def test_a_batch_whose_deadline_passes_before_a_worker_starts_is_answered_504_an
     answer = httpx.post(f"{front.url}/models/record/predict", json={"inputs": [10]}, timeout=30)
     assert answer.json() == {"outputs": [20]}
     assert computed(record) == [9, 10], "neither the request given up on nor the expired entry was computed"
+
+
+async def test_a_front_shutting_down_deletes_the_entries_nobody_will_read_the_answers_of(redis_server):
+    """A queued batch fails with the front's shutdown (503), and its entry goes too: a worker
+    scaled up for it later would compute it for nobody."""
+    client = redis_server.client()
+    front = RedisBackend(redis_server.url(), "record", wait_for_workers=True, default_timeout=60)
+    await front.start()
+    try:
+        waiting = asyncio.ensure_future(front.run([1, 2]))
+        for _ in range(100):
+            if client.xlen(STREAM) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert client.xlen(STREAM) == 1 and not waiting.done()
+    finally:
+        await front.close()
+    with pytest.raises(NotReadyError, match="shutting down"):
+        await waiting
+    assert client.xlen(STREAM) == 0

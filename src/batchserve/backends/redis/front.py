@@ -19,6 +19,7 @@ deadline error, uncomputed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -92,6 +93,7 @@ class RedisBackend(Backend):
         self._redis: aioredis.Redis | None = None
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future] = {}
+        self._entries: dict[str, bytes] = {}  # request id → its entry, while it waits for its answer
         self._reader: asyncio.Task | None = None
         self._last_reply_id = "0"
         self._workers_checked = 0.0
@@ -141,8 +143,12 @@ class RedisBackend(Backend):
                 await self._redis.connection_pool.disconnect()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+        unanswered = list(self._entries.values())
         self._fail_waiting(NotReadyError("the front is shutting down"))
         if self._redis is not None:
+            if unanswered and self.connected:  # nobody will read their answers: no worker should compute them
+                with contextlib.suppress(*UNREACHABLE, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._redis.xdel(self.keys.requests, *unanswered), CLOSE_READER_TIMEOUT)
             await self._redis.aclose()
             self._redis = None
 
@@ -195,7 +201,7 @@ class RedisBackend(Backend):
         self._waiting[request_id] = reply
         entry_id = None
         try:
-            entry_id = await self._send(request_id, batch, time.time() + deadline - loop.time())
+            entry_id = self._entries[request_id] = await self._send(request_id, batch, time.time() + deadline - loop.time())
             return await asyncio.wait_for(reply, max(deadline - loop.time(), 0) + REPLY_GRACE)
         except asyncio.TimeoutError:
             await self._forget(entry_id)
@@ -204,6 +210,7 @@ class RedisBackend(Backend):
             raise DeadlineExceededError("no worker answered before the deadline") from None
         finally:
             self._waiting.pop(request_id, None)
+            self._entries.pop(request_id, None)
 
     async def _forget(self, entry_id: bytes | None) -> None:
         """Delete the entry of a batch given up on: no worker computes it, and the stream's
