@@ -8,6 +8,7 @@ later answers it; a batch whose deadline passes first is answered 504 and never 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_a_request_sent_with_no_worker_up_is_answered_by_a_worker_started_later(
     time.sleep(1.0)
     assert not answers, "nothing answers the requests while no worker is up"
     assert 1 <= client.xlen(STREAM) <= 3, "the stream's length shows the waiting batches"
+    gauge = re.search(r'^batchserve_stream_entries{model="record"} (\S+)$', httpx.get(f"{front.url}/metrics").text, re.M)
+    assert gauge and float(gauge.group(1)) == client.xlen(STREAM), "and so does /metrics"
     assert httpx.get(f"{front.url}/readyz", timeout=5).status_code == 200
 
     worker = start_worker("--redis-url", url, "--model", MODEL)
