@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # the CPU that built it; LLAVA_BUILD=OFF: without the multimodal library batchserve does not use.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: run test lint soak bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
+.PHONY: run test lint soak k8s-test bench bench-compare bench-process bench-generation bench-redis venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl >/dev/null)  # tests' throwaway CAs
+	@command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null)  # kubectl kustomize
 
 # where `make run` listens (tests/test_readme.py runs it on a free port)
 HOST ?= 127.0.0.1
@@ -50,7 +51,14 @@ test: venv system-deps lint
 soak: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BIN)/python benchmarks/soak.py --seconds 480
+	$(MAKE) k8s-test
 	$(MAKE) image-test
+
+# deploy/k8s: every overlay rendered (kubectl kustomize) and validated offline (kubernetes-validate),
+# the manifests' commands parsed by batchserve's CLI (also part of make test)
+.PHONY: k8s-test
+k8s-test: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/deploy/test_k8s.py
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
@@ -103,6 +111,11 @@ $(LLAMA_SERVER_BUILD)/bin/llama-server: | venv
 # redis mode (one worker host x 2, two hosts x 1) vs the process backend, 2 workers each (issue 4)
 bench-redis: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_redis.py
+
+# a redis front's backlog gauges under load, scaled from zero: why the stream's length is the autoscaling signal (issue 19)
+.PHONY: bench-backlog
+bench-backlog: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
 
 # the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
 .PHONY: bench-overhead

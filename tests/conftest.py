@@ -19,6 +19,9 @@ import pytest
 from batchserve.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+#: what processes a test starts import: the tests, and this checkout's batchserve (even where an
+#: installed one, e.g. editable from another checkout, would come first)
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "src")])
 
 
 def free_port() -> int:
@@ -38,7 +41,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = output
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
         command = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(self.port), "--drain-seconds", "0", *args]
         sink = open(output, "wb") if output is not None else subprocess.PIPE  # noqa: SIM115  (the child holds it)
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)

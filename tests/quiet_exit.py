@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import ROOT
+from tests.conftest import PYTHONPATH, ROOT
 
 NOISE = (
     "Task was destroyed",
@@ -26,7 +26,7 @@ NOISE = (
 
 def run_script(code: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) with this interpreter (the venv's); return what it printed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
     env.pop("PYTHONWARNINGS", None)
     command = [sys.executable, "-W", "default", "-c", textwrap.dedent(code), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, free_port, terminate
+from tests.conftest import PYTHONPATH, ROOT, free_port, terminate
 
 if TYPE_CHECKING:
     from tests.tls import Pki
@@ -104,7 +104,7 @@ class WorkerProcess:
     """``batchserve worker ARGS``; stopped (and reaped) by the fixture."""
 
     def __init__(self, *args: str):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
         command = [sys.executable, "-m", "batchserve.cli", "worker", *args]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.output: str | None = None

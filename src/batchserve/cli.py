@@ -162,6 +162,7 @@ def serve(
     redis_ca_file: Optional[str] = option("redis_ca_file"),
     redis_certfile: Optional[str] = option("redis_certfile"),
     redis_keyfile: Optional[str] = option("redis_keyfile"),
+    wait_for_workers: bool = option("wait_for_workers", "--wait-for-workers/--no-wait-for-workers"),
     drain_seconds: float = option("drain_seconds"),
     grace: float = option("grace"),
     runtime: EncoderRuntimeName = option("runtime"),

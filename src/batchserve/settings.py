@@ -151,6 +151,11 @@ class RedisSettings(_Group):
         None, description="redis backend: the client certificate's private key (PEM; default: in --redis-certfile)"
     )
     visibility_timeout: float = Field(10.0, ge=0.1, description="worker: seconds before a dead worker's requests are taken over")
+    wait_for_workers: bool = Field(
+        False,
+        description="redis backend: while no worker is up, queue each batch in the request stream until its deadline "
+        "(a worker started later, scaled from zero, answers it) instead of answering 503",
+    )
 
 
 class EmbeddingsSettings(_Group):

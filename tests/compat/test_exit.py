@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import PYTHONPATH, ROOT
 from tests.quiet_exit import assert_quiet, noisy, run_script
 from tests.redis_fixtures import needs_redis, redis_server, wait_for_workers  # noqa: F401
 
@@ -185,7 +185,7 @@ MAIN_THREAD_WORKER = """
 @needs_redis
 @pytest.mark.parametrize("kind", ["RedisWorker", "run_redis_workers_forever"])
 def test_workers_in_the_main_thread_stop_quietly_on_sigterm(redis_server, kind):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     command = [sys.executable, "-W", "default", "-c", textwrap.dedent(MAIN_THREAD_WORKER), f"127.0.0.1:{redis_server.port}", kind]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

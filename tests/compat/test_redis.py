@@ -17,7 +17,7 @@ from batchserve.batching import Batcher
 from batchserve.compat import RedisStreamer
 from batchserve.errors import NotReadyError
 from tests import quiet_exit
-from tests.conftest import ROOT
+from tests.conftest import PYTHONPATH, ROOT
 from tests.redis_fixtures import needs_redis, redis_server, start_worker, wait_for_workers  # noqa: F401
 
 pytestmark = needs_redis
@@ -29,7 +29,7 @@ def run_script():
     processes: list[subprocess.Popen] = []
 
     def run(code: str) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH}
         process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env)
         processes.append(process)
         return process
@@ -149,12 +149,16 @@ def test_redis_streamer_waits_for_a_late_worker_and_times_out_without_one(redis_
     assert 1.8 <= elapsed < 6.0, elapsed  # each call waited its worker_timeout, then gave up
     assert client.xlen("batchserve:nobody:model:requests") == 0, "nothing was left for a future worker"
 
-    start_worker("--redis-url", url, "--model", "model=tests.redis_models:negate", "--prefix", "late")
     patient = RedisStreamer(url, prefix="late", worker_timeout=90)
     try:
-        assert client.zcard("batchserve:late:model:workers") == 0  # the worker is still starting
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(patient.predict, [[n, n + 1] for n in range(8)]))
+            calls = pool.map(patient.predict, [[n, n + 1] for n in range(8)])
+            waiting = time.monotonic() + 10
+            while client.xlen("batchserve:late:model:requests") == 0 and time.monotonic() < waiting:
+                time.sleep(0.05)
+            assert client.xlen("batchserve:late:model:requests") > 0, "the calls wait in the stream, for a worker to come"
+            start_worker("--redis-url", url, "--model", "model=tests.redis_models:negate", "--prefix", "late")
+            answers = list(calls)
     finally:
         patient.destroy_workers()
     assert answers == [[-n, -n - 1] for n in range(8)]

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from batchserve import cli
 from batchserve.config import from_environment
 from batchserve.procinfo import children, descendants, state
-from tests.conftest import ROOT, free_port, terminate
+from tests.conftest import PYTHONPATH, ROOT, free_port, terminate
 from tests.redis_fixtures import needs_redis, redis_server, wait_for_workers  # noqa: F401 - fixtures
 
 PAGES = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").glob("*.md") if path.name != "ARCHITECTURE.md")]
@@ -142,7 +142,7 @@ def documented_gunicorn_settings() -> list[tuple[str, str]]:
 def gunicorn(env: dict[str, str]) -> subprocess.Popen:
     """``gunicorn -c deploy/gunicorn.conf.py`` as the docs run it, from the checkout."""
     inherited = {name: value for name, value in os.environ.items() if name not in ("BATCHSERVE_CONFIG", "BATCHSERVE_SETTINGS")}
-    env = {**inherited, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
+    env = {**inherited, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH, **env}
     command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "deploy/gunicorn.conf.py"]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -280,7 +280,7 @@ def test_a_worker_reads_the_fronts_config_file(redis_server, start_server, tmp_p
             """
         )
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": PYTHONPATH}
     worker = subprocess.Popen(
         [sys.executable, "-m", "batchserve.cli", "worker", "--config", str(config)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

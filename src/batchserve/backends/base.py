@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from batchserve.devices import fork_safe_loading
@@ -15,6 +16,16 @@ if TYPE_CHECKING:
 #: While :meth:`Backend.run` runs: the latest deadline (event-loop time) among the requests
 #: in the batch, so a backend that sends batches elsewhere (redis) can send it along.
 batch_deadline: ContextVar[float | None] = ContextVar("batch_deadline", default=None)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Work queued outside this process for a backend's remote workers (redis: the model's
+    request stream), as sampled by :meth:`Backend.backlog`."""
+
+    entries: int  #: batches in the queue: waiting for a worker, or read by one and not yet answered
+    pending: int  #: of those, read by a worker and not yet answered
+    workers: int  #: live workers serving the queue
 
 
 class Backend(ABC):
@@ -63,6 +74,11 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for ``/readyz`` (kind, workers up, ...)."""
         return {"capacity": self.capacity}
+
+    async def backlog(self) -> Backlog | None:
+        """The queue outside this process, sampled now (a round trip: call it now and then,
+        never per request); None for backends that queue nothing elsewhere, or cannot tell now."""
+        return None
 
     def on_capacity_change(self, listener: Callable[[], None]) -> None:
         self._capacity_listener = listener

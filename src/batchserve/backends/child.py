@@ -9,7 +9,9 @@ worker → front: ``("ready", info)`` · ``("load_error", message)`` · ``("ok",
 ``("error", message)``
 
 A worker exits when told to stop, or when the front's end of the pipe closes (the front
-died), so no worker outlives its server.
+died), so no worker outlives its server.  It ignores SIGTERM: a SIGTERM sent to the whole
+process group (systemd's default KillMode, ``timeout``, a container runtime) is its front's
+to act on; the front drains, stops its workers itself, and meanwhile they keep computing.
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ def _restore_stderr(fd: int) -> None:
 def _become_worker(conn: Connection, config: WorkerConfig, forked: bool) -> None:
     """Signals, environment, threads and inherited sockets of a fresh worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is for the front, which stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is a SIGTERM to the whole process group
+    # the front blocked SIGTERM while starting us (a signal sent meanwhile is dropped now)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     signal.set_wakeup_fd(-1)
     os.environ.update(worker_env(config.device, config.slot, config.threads))
     set_torch_threads(config.threads)

@@ -17,8 +17,11 @@ free worker; this backend knows which are free (one slot per worker).
   ``if __name__ == "__main__":`` guard dies the same way every time.  The batch it held fails with
   :class:`~batchserve.errors.WorkerDiedError`, which the batcher retries once on another
   worker.  A worker is recycled after ``max_batches`` batches (plus up to 10 % jitter, so
-  they do not all recycle at once).  Shutdown stops every worker, then terminates, then
-  kills what is left, and reaps them all: no orphans, no zombies.
+  they do not all recycle at once).  Shutdown stops every worker, then kills what is left
+  after a grace, and reaps them all: no orphans, no zombies.  Workers ignore SIGTERM (from
+  the moment they start: it is blocked while they are created), so a SIGTERM sent to the
+  whole process group reaches the front alone, which drains and then stops them: no worker
+  dies of it, none is restarted, none is reported as a failure.
 
 Everything here runs on the batcher's event loop: the pipes and the processes' exit
 sentinels are watched with ``loop.add_reader``, so no thread is spent per worker.
@@ -57,7 +60,7 @@ log = logging.getLogger("batchserve.workers")
 BACKOFF_FIRST = 0.5  # seconds before restarting a worker that died before it was ready
 BACKOFF_MAX = 30.0
 NEVER_READY_TRIES = 2  # deaths before ready, each worker, before a start that never had one ready fails
-STOP_GRACE = 5.0  # seconds a worker gets to exit after "stop", then SIGTERM, then SIGKILL
+STOP_GRACE = 5.0  # seconds a worker gets to exit after "stop", then SIGKILL
 
 
 class State(enum.Enum):
@@ -267,12 +270,13 @@ class ProcessBackend(Backend):
                 daemon=False,  # a daemon could not start processes of its own (data loaders...)
             )
             try:
-                if forked:
-                    gc.freeze()  # keep the parent's objects out of the children's collections
-                    process.start()
-                else:
-                    with environment(worker_env(device, slot, config.threads)):
+                with _sigterm_blocked():
+                    if forked:
+                        gc.freeze()  # keep the parent's objects out of the children's collections
                         process.start()
+                    else:
+                        with environment(worker_env(device, slot, config.threads)):
+                            process.start()
             except BaseException:
                 if pipe is not None:
                     os.close(pipe[0])
@@ -592,18 +596,26 @@ def _exit_reason(process: Any) -> str:
 
 
 def _stop_processes(processes: list[Any], grace: float = 2.0) -> None:
-    """SIGTERM what is still alive, then SIGKILL, and reap everything."""
+    """SIGKILL what is still alive (workers ignore SIGTERM) and reap everything."""
     for process in processes:
-        if process.is_alive():
-            with _suppress_os_errors():
-                process.terminate()
-    deadline = time.monotonic() + grace
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             with _suppress_os_errors():
                 process.kill()
-            process.join(timeout=grace)
+    for process in processes:
+        process.join(timeout=grace)
+
+
+@contextlib.contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """SIGTERM blocked in this thread while a worker process is created: the worker inherits
+    the mask (through fork, and through exec for spawn) and unblocks SIGTERM once it ignores
+    it, so a SIGTERM sent to the process group while it starts cannot kill it.  This process
+    gets a SIGTERM sent meanwhile when the mask is restored (or on another thread)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _suppress_os_errors:

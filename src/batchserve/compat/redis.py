@@ -6,9 +6,10 @@
 under ``prefix``, so ``batchserve worker --model model=module:attr --prefix P`` serves a
 ``RedisStreamer(prefix=P)`` too.
 
-As in service-streamer, a ``RedisStreamer`` call made while no worker is up yet waits for
-one (within ``worker_timeout``, then ``TimeoutError``), so workers may still be loading
-when the first call comes; and workers run in a thread of a script (``daemon=True``) stop
+As in service-streamer, a ``RedisStreamer`` call made while no worker is up yet is written
+to the stream at once and waits there for a worker (within ``worker_timeout``, then
+``TimeoutError`` and its entry is deleted), so workers may still be loading, or not started
+yet, when the first call comes; and workers run in a thread of a script (``daemon=True``) stop
 with it: at interpreter exit they finish what they hold, leave and stop their processes.
 
 Where service-streamer's behaviour was unsound, ours differs: entries are msgpack (never
@@ -50,8 +51,9 @@ class RedisStreamer(_Streamer):
     ``redis_broker`` is ``"host:port"`` as in service-streamer, or a Redis URL
     (``redis://[user:password@]host:port/db``, ``rediss://`` for TLS, with ``redis_ca_file``
     and, for a Redis that asks for one, ``redis_certfile`` and ``redis_keyfile``: as
-    ``--redis-ca-file`` and the others).  While no worker serves ``prefix`` yet, a call waits
-    for one, up to ``worker_timeout``, then raises ``TimeoutError``.
+    ``--redis-ca-file`` and the others).  While no worker serves ``prefix`` yet, a call is
+    queued in the stream all the same and waits for a worker to answer it, up to
+    ``worker_timeout``, then raises ``TimeoutError`` (its entry deleted: never computed).
     """
 
     def __init__(

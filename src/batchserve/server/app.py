@@ -197,4 +197,5 @@ def _add_health_routes(app: FastAPI, services: list[Service]) -> None:
 def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=False)
     async def prometheus(request: Request):
+        await metrics.backlog.refresh()
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

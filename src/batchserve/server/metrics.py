@@ -6,10 +6,16 @@ as several passes; an error splits a batch to find its bad items).
 
 Request metrics are recorded by a small ASGI middleware; batcher figures are read from
 :class:`~batchserve.batching.BatcherStats` at scrape time, so the batching path pays nothing.
+
+A backend whose work queues elsewhere (redis: the model's request stream) has its backlog
+sampled at scrape time too (:class:`BacklogSampler`: one round trip per model, at most every
+:data:`BACKLOG_MAX_AGE` seconds, never per request): ``batchserve_stream_entries`` (the
+autoscaling signal), ``batchserve_stream_pending`` and ``batchserve_stream_workers``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable, Iterable
 
@@ -17,10 +23,58 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchserve.backends.base import Backlog
 from batchserve.batching import Batcher
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: a scrape within this many seconds of the last backlog sample reuses it
+BACKLOG_MAX_AGE = 1.0
+#: a scrape waits at most this long for the backlog samples (the rest of /metrics never waits on Redis)
+BACKLOG_TIMEOUT = 1.0
+
+
+class BacklogSampler:
+    """The backlog of each model whose backend queues elsewhere, sampled when /metrics is
+    scraped (:meth:`refresh`), at most every :data:`BACKLOG_MAX_AGE` seconds."""
+
+    def __init__(self, batchers: Callable[[], Iterable[Batcher]]):
+        self.batchers = batchers
+        self.samples: dict[str, Backlog] = {}
+        self._sampled = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:  # concurrent scrapes share one sample
+            if time.monotonic() - self._sampled < BACKLOG_MAX_AGE:
+                return
+            batchers = list(self.batchers())
+            try:
+                found = await asyncio.wait_for(
+                    asyncio.gather(*(batcher.backend.backlog() for batcher in batchers)), BACKLOG_TIMEOUT
+                )
+            except asyncio.TimeoutError:  # Redis too slow to answer: no figures rather than old ones
+                found = [None] * len(batchers)
+            self.samples = {batcher.name: sample for batcher, sample in zip(batchers, found) if sample is not None}
+            self._sampled = time.monotonic()
+
+    def collect(self):
+        entries = GaugeMetricFamily(
+            "batchserve_stream_entries",
+            "Batches in the model's request stream: waiting for a worker or being computed (the autoscaling signal)",
+            labels=["model"],
+        )
+        pending = GaugeMetricFamily(
+            "batchserve_stream_pending", "Batches read by a worker from the request stream, not yet answered",
+            labels=["model"],
+        )
+        workers = GaugeMetricFamily("batchserve_stream_workers", "Live workers serving the model's request stream",
+                                    labels=["model"])
+        for name, sample in self.samples.items():
+            entries.add_metric([name], sample.entries)
+            pending.add_metric([name], sample.pending)
+            workers.add_metric([name], sample.workers)
+        yield from (entries, pending, workers)
 
 
 class BatcherCollector:
@@ -86,6 +140,8 @@ class Metrics:
             "batchserve_errors_total", "Error responses by kind", ["kind"], registry=self.registry
         )
         self.registry.register(BatcherCollector(batchers))
+        self.backlog = BacklogSampler(batchers)
+        self.registry.register(self.backlog)
 
 
 class RequestMetricsMiddleware:

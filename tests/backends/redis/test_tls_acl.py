@@ -33,7 +33,7 @@ from batchserve.backends.redis.worker import serve_batchers
 from batchserve.backends.thread import ThreadBackend
 from batchserve.batching import Batcher
 from batchserve.model import ModelSpec
-from tests.conftest import ROOT, free_port
+from tests.conftest import PYTHONPATH, ROOT, free_port
 from tests.fakes import double
 from tests.redis_fixtures import (  # noqa: F401 - fixtures
     RedisServer,
@@ -136,7 +136,7 @@ def test_a_worker_and_a_server_on_a_plain_url_to_the_tls_port_exit_saying_so(tls
     served = subprocess.run(
         [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(free_port()), *front_args(plain, "tests.fakes:double")],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"},
     )
     assert served.returncode == 3, served.stderr
     assert "the server speaks TLS: use rediss://" in served.stderr and "Traceback" not in served.stderr

@@ -45,7 +45,7 @@ PROBE_TIMEOUT = 1.0
 #: the commands a front sends (``ACL SETUSER`` names: ``command|subcommand``); redis-py's
 #: ``CLIENT SETINFO`` at connect is left out: its refusal is ignored (Redis 7.2 and newer log it
 #: in ``ACL LOG``; ``+client|setinfo`` there keeps the log quiet, and is unknown to 7.0)
-FRONT_COMMANDS = ("ping", "xgroup|create", "zcount", "xadd", "xread")
+FRONT_COMMANDS = ("ping", "xgroup|create", "zcount", "xadd", "xread", "xdel", "xlen", "xpending")
 #: the commands a worker sends
 WORKER_COMMANDS = (
     "ping", "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xadd", "expire",
@@ -251,6 +251,7 @@ def _probes(keys: StreamKeys, consumer: str) -> dict[str, tuple]:
         "expire": ("EXPIRE", absent, "1"),
         "xack": ("XACK", absent, GROUP, "0-1"),
         "xdel": ("XDEL", absent, "0-1"),
+        "xlen": ("XLEN", absent),
         "xclaim": ("XCLAIM", absent, GROUP, consumer, "0", "0-1", "JUSTID"),
         "xpending": ("XPENDING", absent, GROUP, "-", "+", "1"),
         "xinfo|consumers": ("XINFO", "CONSUMERS", absent, GROUP),

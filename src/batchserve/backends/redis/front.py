@@ -7,13 +7,19 @@ only it reads.  The keys, entries and replies are :mod:`.protocol`'s.
 While Redis is unreachable, or no worker serves the model, :meth:`RedisBackend.run`
 fails at once with :class:`~batchserve.errors.NotReadyError` (HTTP 503); batches waiting
 for a reply when Redis goes away fail the same way.  A background task reconnects and the
-front serves again.  With ``wait_for_workers=True`` (service-streamer's ``RedisStreamer``)
-a batch sent while no worker holds a lease waits for one until its deadline instead.
+front serves again.  With ``wait_for_workers=True`` (``serve --wait-for-workers``,
+service-streamer's ``RedisStreamer``) a batch sent while no worker holds a lease is written
+to the request stream all the same and waits there for its answer until its deadline: a
+worker started later (an autoscaler watching the stream's length starts the first one)
+finds it.  A batch whose deadline passed is answered with a deadline error (504) and its
+entry deleted, so no worker computes it (a worker that read it already answers it with a
+deadline error, uncomputed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -22,9 +28,10 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
-from batchserve.backends.base import Backend, batch_deadline
+from batchserve.backends.base import Backend, Backlog, batch_deadline
 from batchserve.backends.redis.connection import FRONT_COMMANDS, TLSFiles, check_commands, connect, diagnose
 from batchserve.backends.redis.protocol import (
+    GROUP,
     READ_BLOCK_MS,
     RECONNECT_DELAY,
     UNREACHABLE,
@@ -44,7 +51,9 @@ log = logging.getLogger("batchserve.redis")
 #: a request stream longer than this is trimmed (oldest first) so Redis memory stays bounded
 MAX_STREAM_LENGTH = 100_000
 WORKERS_CHECK_PERIOD = 1.0  # seconds between counts of live workers
-WORKERS_POLL_PERIOD = 0.1  # seconds between counts while batches wait for a first worker
+#: how long past a batch's deadline the front waits for its answer: a worker's own deadline
+#: error (or a result computed just in time) is the clearer answer
+REPLY_GRACE = 1.0
 CLOSE_READER_TIMEOUT = 1.0  # seconds the reply reader gets to end when cancelled, before its socket is closed
 
 
@@ -54,8 +63,9 @@ class RedisBackend(Backend):
     ``capacity`` is how many batches may wait on remote workers at once (large: the
     workers form their own batches from the stream, up to their ``max_batch_size``).
     While no worker holds a lease, :meth:`run` fails at once with ``NotReadyError``; with
-    ``wait_for_workers=True`` it waits for a worker until the batch's deadline, then fails
-    with ``DeadlineExceededError`` (a ``TimeoutError``).
+    ``wait_for_workers=True`` it writes the batch all the same and waits for its answer
+    until the batch's deadline, then deletes the entry and fails with
+    ``DeadlineExceededError`` (a ``TimeoutError``).
     """
 
     def __init__(
@@ -83,11 +93,10 @@ class RedisBackend(Backend):
         self._redis: aioredis.Redis | None = None
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future] = {}
+        self._entries: dict[str, bytes] = {}  # request id → its entry, while it waits for its answer
         self._reader: asyncio.Task | None = None
         self._last_reply_id = "0"
         self._workers_checked = 0.0
-        self._worker_poll: asyncio.Task | None = None  # counts workers while batches wait for one
-        self._worker_waiters = 0
         self._closing = False
 
     @classmethod
@@ -101,6 +110,7 @@ class RedisBackend(Backend):
             prefix=settings.redis.redis_prefix,
             max_inflight=settings.batching.max_queue_size,
             default_timeout=settings.batching.timeout,
+            wait_for_workers=settings.redis.wait_for_workers,
             tls=TLSFiles.of(settings.redis),
         )
 
@@ -133,12 +143,12 @@ class RedisBackend(Backend):
                 await self._redis.connection_pool.disconnect()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
-        if self._worker_poll is not None:
-            self._worker_poll.cancel()
-            await asyncio.gather(self._worker_poll, return_exceptions=True)
-            self._worker_poll = None
+        unanswered = list(self._entries.values())
         self._fail_waiting(NotReadyError("the front is shutting down"))
         if self._redis is not None:
+            if unanswered and self.connected:  # nobody will read their answers: no worker should compute them
+                with contextlib.suppress(*UNREACHABLE, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._redis.xdel(self.keys.requests, *unanswered), CLOSE_READER_TIMEOUT)
             await self._redis.aclose()
             self._redis = None
 
@@ -148,10 +158,34 @@ class RedisBackend(Backend):
             "redis": redact(self.url),
             "connected": self.connected,
             "workers": self.live_workers,
+            "wait_for_workers": self.wait_for_workers,
             "stream": self.keys.requests,
             "waiting": len(self._waiting),
             "duplicate_replies": self.duplicate_replies,
         }
+
+    async def backlog(self) -> Backlog | None:
+        """The request stream now, in one round trip: its length (batches waiting for a worker
+        or being computed: entries are deleted once answered), its pending entries (read by a
+        worker, not yet answered) and the live workers.  None while Redis is unreachable.
+
+        The length is the autoscaling signal: a worker reads only while it has a free slot,
+        so batches waiting for capacity are in the stream but not pending."""
+        if not self.connected or self._redis is None:
+            return None
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self.keys.requests)
+                pipe.xpending(self.keys.requests, GROUP)
+                pipe.zcount(self.keys.workers, time.time(), "+inf")
+                length, pending, workers = await pipe.execute()
+        except UNREACHABLE as error:
+            self._lost(error)
+            return None
+        except ResponseError:  # no group yet (Redis restarted empty): the reader creates it again
+            return None
+        self.live_workers = workers
+        return Backlog(entries=length, pending=pending["pending"], workers=workers)
 
     # ---------------------------------------------------------------- run
 
@@ -160,53 +194,39 @@ class RedisBackend(Backend):
             raise NotReadyError("Redis is unreachable; retry shortly")
         loop = asyncio.get_running_loop()
         deadline = batch_deadline.get() or loop.time() + self.default_timeout
-        if self.live_workers == 0 and await self._count_workers() == 0:
-            if not self.wait_for_workers:
-                raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
-            await self._wait_for_a_worker(deadline)
+        if not self.wait_for_workers and self.live_workers == 0 and await self._count_workers() == 0:
+            raise NotReadyError(f"no worker serves {self.keys.name!r}; start `batchserve worker`")
         request_id = str(next(self._ids))
         reply = loop.create_future()
         self._waiting[request_id] = reply
+        entry_id = None
         try:
-            await self._send(request_id, batch, time.time() + deadline - loop.time())
-            # a little past the deadline: a worker's deadline error is the clearer answer
-            return await asyncio.wait_for(reply, max(deadline - loop.time(), 0) + 1.0)
+            entry_id = self._entries[request_id] = await self._send(request_id, batch, time.time() + deadline - loop.time())
+            return await asyncio.wait_for(reply, max(deadline - loop.time(), 0) + REPLY_GRACE)
         except asyncio.TimeoutError:
+            await self._forget(entry_id)
+            if self.live_workers == 0:
+                raise DeadlineExceededError(f"no worker served {self.keys.name!r} before the deadline") from None
             raise DeadlineExceededError("no worker answered before the deadline") from None
         finally:
             self._waiting.pop(request_id, None)
+            self._entries.pop(request_id, None)
 
-    async def _wait_for_a_worker(self, deadline: float) -> None:
-        """Until a worker holds a lease, or ``deadline`` (loop time): then DeadlineExceededError.
-
-        Every waiting batch shares one task that counts the workers; it ends when a worker
-        is seen, or when no batch waits any more.
-        """
-        loop = asyncio.get_running_loop()
-        if self._worker_poll is None or self._worker_poll.done():
-            self._worker_poll = loop.create_task(self._poll_for_a_worker())
-        self._worker_waiters += 1
+    async def _forget(self, entry_id: bytes | None) -> None:
+        """Delete the entry of a batch given up on: no worker computes it, and the stream's
+        length (what an autoscaler watches) counts only batches someone still waits for."""
+        if entry_id is None or self._redis is None or not self.connected:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(self._worker_poll), max(deadline - loop.time(), 0.0))
-        except asyncio.TimeoutError:
-            raise DeadlineExceededError(f"no worker served {self.keys.name!r} before the deadline") from None
-        finally:
-            self._worker_waiters -= 1
+            await self._redis.xdel(self.keys.requests, entry_id)
+        except UNREACHABLE as error:
+            self._lost(error)
 
-    async def _poll_for_a_worker(self) -> None:
-        while self._worker_waiters > 0:
-            if self.connected:
-                try:
-                    if await self._count_workers() > 0:
-                        return
-                except NotReadyError:
-                    pass  # Redis went away: the reader reconnects; go on waiting
-            await asyncio.sleep(WORKERS_POLL_PERIOD)
-
-    async def _send(self, request_id: str, batch: list, unix_deadline: float) -> None:
+    async def _send(self, request_id: str, batch: list, unix_deadline: float) -> bytes:
+        """Add the batch's entry to the request stream; its entry id."""
         entry = request_entry(request_id, self.reply_key, unix_deadline, batch)
         try:
-            await self._redis.xadd(self.keys.requests, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
+            return await self._redis.xadd(self.keys.requests, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
         except UNREACHABLE as error:
             self._lost(error)
             raise NotReadyError("Redis is unreachable; retry shortly") from None

@@ -72,6 +72,10 @@ REPLY_TTL_SECONDS = 300
 REPLY_STREAM_LENGTH = 10_000
 #: a consumer with nothing pending and idle this many visibility timeouts is removed
 STALE_CONSUMER_TIMEOUTS = 10
+#: on SIGTERM: seconds a worker gives what it holds to finish (then it is left to be reclaimed)
+HELD_GRACE = 10.0
+#: on SIGTERM: seconds each of its loops (reading, upkeep, replies) gets to end by itself
+LOOP_GRACE = 5.0
 
 
 @dataclass
@@ -119,7 +123,7 @@ class StreamWorker:
             loop.create_task(self._write_replies_forever(), name=f"write {self.keys.name}"),
         ]
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = HELD_GRACE) -> None:
         """Stop reading; finish and answer what this worker holds (up to ``grace`` s).
 
         The loops end at their next turn (a read blocks at most ``READ_BLOCK_MS``) rather
@@ -130,7 +134,7 @@ class StreamWorker:
         reader, upkeep, writer = self._tasks
         self._stopping = True
         self._room.set()
-        await _finish(reader, timeout=5.0)
+        await _finish(reader, timeout=LOOP_GRACE)
         await self._leave()
         await self._recover_own()  # anything Redis gave us that a lost read never showed
         if self._held:  # meanwhile the upkeep keeps them ours, so nobody takes them over
@@ -138,8 +142,8 @@ class StreamWorker:
         self._drained = True
         self._upkeep_now.set()
         self._outbox_ready.set()
-        await _finish(upkeep, timeout=5.0)
-        await _finish(writer, timeout=5.0)
+        await _finish(upkeep, timeout=LOOP_GRACE)
+        await _finish(writer, timeout=LOOP_GRACE)
 
     # ---------------------------------------------------------------- reading
 
