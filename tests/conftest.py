@@ -38,7 +38,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = output
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        # this checkout's src first: a worktree's server runs its own code, not an editable install's
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
         command = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(self.port), "--drain-seconds", "0", *args]
         sink = open(output, "wb") if output is not None else subprocess.PIPE  # noqa: SIM115  (the child holds it)
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)

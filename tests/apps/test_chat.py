@@ -247,3 +247,13 @@ async def test_a_model_without_a_chat_template_answers_422_pointing_to_completio
             assert "has no chat template" in error["message"] and "/v1/completions" in error["message"]
             completion = await other.post("/v1/completions", json={"prompt": RENDERED, "max_tokens": 1})
             assert completion.status_code == 200 and completion.json()["model"] == "plain-lm"
+
+
+@on_module_loop
+async def test_tokenize_on_the_torch_runtime_counts_as_chat_does(http):
+    answer = await chat(http, max_tokens=1, temperature=0)
+    counted = (await http.post("/tokenize", json={"content": RENDERED, "add_special": True})).json()["tokens"]
+    assert len(counted) == answer["usage"]["prompt_tokens"]
+    pieces = (await http.post("/tokenize", json={"content": RENDERED, "with_pieces": True, "model": MODEL})).json()["tokens"]
+    assert "".join(piece["piece"] for piece in pieces) == RENDERED
+    assert (await http.post("/detokenize", json={"tokens": counted})).json() == {"content": RENDERED}

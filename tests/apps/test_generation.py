@@ -252,3 +252,37 @@ def test_readyz_and_metrics_show_the_runtime_and_its_prefix_cache(client):
     assert counter("batchserve_generation_prefix_cache_hits_total") >= hits + 1
     assert counter("batchserve_generation_prefix_cache_reused_tokens_total") >= reused + 15
     assert engine_state(client)["prefix_cache"]["tokens"] <= 4096
+
+
+TOKENIZE_TEXT = "Héllo wörld 😀 <|im_end|> over\nthe lazy dog"
+
+
+def test_tokenize_counts_as_the_completions_route_and_detokenize_inverts_it(client):
+    tokens = client.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]
+    assert all(isinstance(token, int) for token in tokens)
+    assert complete(client, prompt=PROMPT, max_tokens=1, temperature=0)["usage"]["prompt_tokens"] == len(tokens)
+    plain = client.post("/tokenize", json={"content": TOKENIZE_TEXT}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": plain}).json() == {"content": TOKENIZE_TEXT}
+    pieces = client.post("/tokenize", json={"content": TOKENIZE_TEXT, "with_pieces": True}).json()["tokens"]
+    assert [piece["id"] for piece in pieces] == plain
+    assert "<|im_end|>" in [piece["piece"] for piece in pieces]  # a special token in the text is that token
+    # the emoji's four bytes span two tokens: their pieces are lists of bytes, as llama.cpp writes them
+    joined = b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode() for p in pieces)
+    assert joined.decode() == TOKENIZE_TEXT
+    assert any(isinstance(piece["piece"], list) for piece in pieces)
+    assert client.post("/tokenize", json={"content": ""}).json() == {"tokens": []}
+
+
+def test_tokenize_and_detokenize_refuse_bad_bodies(client):
+    def refused(path: str, body, status: int = 422) -> str:
+        reply = client.post(path, json=body)
+        assert reply.status_code == status, reply.text
+        return reply.json()["error"]["message"]
+
+    assert "content" in refused("/tokenize", {})
+    assert "add_specials" in refused("/tokenize", {"content": "a", "add_specials": True})  # a typo is not dropped
+    assert "content" in refused("/tokenize", {"content": 5})
+    assert "tokens[1]: 99999999 is not a token id" in refused("/detokenize", {"tokens": [1, 99999999]})
+    assert "tokens[0]: -1 is not a token id" in refused("/detokenize", {"tokens": [-1]})
+    assert "tokens" in refused("/detokenize", {"tokens": ["a"]})
+    assert "'gpt-4' is not served here" in refused("/tokenize", {"content": "a", "model": "gpt-4"}, 404)

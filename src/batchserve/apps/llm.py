@@ -21,6 +21,7 @@ from batchserve.errors import ClientDisconnectedError, NotReadyError
 from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest
 from batchserve.runtimes import CausalLM, language_model_class
 from batchserve.settings import GenerationSettings, LanguageModelRuntimeName, Settings
+from batchserve.tokens import Vocabulary
 
 log = logging.getLogger("batchserve.generation")
 
@@ -69,6 +70,7 @@ class GenerationHost:
         self.runtime = language_model_class(runtime_name(settings.generation, self.device))
         self.lm: CausalLM | None = None
         self.engine: GenerationEngine | None = None
+        self.vocabulary: Vocabulary | None = None  # of the loaded model (None for a slow tokenizer)
         self.load_info: dict[str, Any] = {}
         self.collector = GenerationCollector(self)
         self.key = host_key(settings)
@@ -88,6 +90,7 @@ class GenerationHost:
             await asyncio.to_thread(engine.stop)
             return
         self.lm = lm
+        self.vocabulary = Vocabulary.of(lm.tokenizer)
         self.load_info = {**lm.describe(), **lm.load_info}
         self.engine = engine
 
@@ -119,7 +122,7 @@ class GenerationHost:
             del _hosts[self.key]
         self._loading = None  # a load still under way stops its engine when it ends
         engine, self.engine = self.engine, None
-        self.lm, self.load_info = None, {}
+        self.lm, self.load_info, self.vocabulary = None, {}, None
         if engine is not None:
             await asyncio.to_thread(engine.stop)
 
@@ -215,6 +218,14 @@ class GenerationService(Service):
     def models(self) -> list[str]:
         name = self.host.model_name
         return [name] if name else []
+
+    @property
+    def tokenizes(self) -> bool:
+        return True
+
+    def vocabularies(self) -> dict[str, Vocabulary]:
+        name, vocabulary = self.host.model_name, self.host.vocabulary
+        return {name: vocabulary} if name and vocabulary is not None else {}
 
     async def start(self) -> None:
         await self.host.start()
