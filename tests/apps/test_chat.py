@@ -174,8 +174,6 @@ UNSUPPORTED = {
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "response_format": {"type": "json_object"},
-    "logprobs": True,
-    "top_logprobs": 2,
     "logit_bias": {"42": 5},
     "presence_penalty": 0.5,
     "frequency_penalty": 1,
@@ -257,3 +255,15 @@ async def test_tokenize_on_the_torch_runtime_counts_as_chat_does(http):
     pieces = (await http.post("/tokenize", json={"content": RENDERED, "with_pieces": True, "model": MODEL})).json()["tokens"]
     assert "".join(piece["piece"] for piece in pieces) == RENDERED
     assert (await http.post("/detokenize", json={"tokens": counted})).json() == {"content": RENDERED}
+
+
+@on_module_loop
+async def test_logprobs_on_the_torch_runtime(http):
+    body = await chat(http, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert b"".join(bytes(item["bytes"]) for item in content).decode() == body["choices"][0]["message"]["content"]
+    for item in content:  # greedy: each token is the likeliest
+        assert item["top_logprobs"][0]["token"] == item["token"] and item["top_logprobs"][0]["logprob"] == item["logprob"]
+    error = await refused(http, top_logprobs=2)
+    assert error["param"] == "top_logprobs" and "needs logprobs: true" in error["message"]
+    assert (await refused(http, logprobs=True, top_logprobs=21))["param"] == "top_logprobs"

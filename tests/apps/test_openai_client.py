@@ -133,3 +133,50 @@ def test_typed_errors(client):
     with pytest.raises(openai.UnprocessableEntityError) as bad_n:
         client.completions.create(model=LLM, prompt="x", n=99)
     assert bad_n.value.param == "n" and bad_n.value.type == "invalid_request_error"
+
+
+def test_chat_logprobs_greedy_token_is_the_likeliest_whatever_the_temperature(client):
+    asked = {"model": LLM, "messages": QUESTION, "max_tokens": 8, "logprobs": True, "top_logprobs": 5}
+    reply = client.chat.completions.create(**asked, temperature=0)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == reply.usage.completion_tokens - (choice.finish_reason == "stop")  # the end token has none
+    assert b"".join(bytes(item.bytes) for item in content).decode() == choice.message.content
+    for item in content:
+        assert len(item.top_logprobs) == 5 and isinstance(item.token, str)
+        assert item.logprob == max(top.logprob for top in item.top_logprobs) == item.top_logprobs[0].logprob
+        assert item.token == item.top_logprobs[0].token and item.logprob <= 0
+        assert sum(np.exp(top.logprob) for top in item.top_logprobs) <= 1 + 1e-6
+    # the model's distribution, not the one sampled from: the first position's alternatives are the same hot
+    hot = client.chat.completions.create(**asked, temperature=1.5, top_p=0.5, seed=3).choices[0].logprobs.content[0]
+    assert [top.token for top in hot.top_logprobs] == [top.token for top in content[0].top_logprobs]
+    assert np.allclose([top.logprob for top in hot.top_logprobs], [top.logprob for top in content[0].top_logprobs], atol=1e-3)
+    # a stream carries its tokens' logprobs, the same as the whole answer's
+    streamed = [
+        item
+        for chunk in client.chat.completions.create(**asked, temperature=0, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for item in chunk.choices[0].logprobs.content
+    ]
+    assert [item.token for item in streamed] == [item.token for item in content]
+    assert np.allclose([item.logprob for item in streamed], [item.logprob for item in content], atol=1e-3)
+
+
+def test_completions_logprobs_in_the_legacy_shape_whole_and_streamed(client):
+    asked = {"model": LLM, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    choice = client.completions.create(**asked).choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset)
+    for token, logprob, top, offset in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, logprobs.text_offset):
+        assert choice.text[offset:].startswith(token)
+        assert len(top) <= 3 and logprob == max(top.values()) and top[token] == logprob
+    chunks = [chunk.choices[0] for chunk in client.completions.create(**asked, stream=True) if chunk.choices]
+    assert [token for chunk in chunks if chunk.logprobs for token in chunk.logprobs.tokens] == logprobs.tokens
+    assert [offset for chunk in chunks if chunk.logprobs for offset in chunk.logprobs.text_offset] == logprobs.text_offset
+    plain = client.completions.create(**{**asked, "logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == choice.text
+    for bad, field in (({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"echo": True}, "logprobs")):
+        with pytest.raises(openai.UnprocessableEntityError) as raised:
+            client.completions.create(**{**asked, **bad})
+        assert raised.value.body["param"] == field, raised.value.body

@@ -9,10 +9,13 @@ A stream sends, per choice, a chunk with ``delta.role`` first, then ``delta.cont
 chunks as text comes, then a chunk with its ``finish_reason``; then the usage chunk when
 ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
 
+``logprobs: true`` (with ``top_logprobs``, 0 to 20) gives each choice's tokens'
+log-probabilities in OpenAI's shape (:mod:`batchserve.apps.logprobs`), in the stream too.
+
 OpenAI fields that would change the answer and are not implemented here (tools, response
-formats, logprobs, penalties, audio...) are refused with a 422 that names them, unless
-given their no-op value (null, ``tool_choice: "none"``, ``response_format: {"type": "text"}``,
-``logprobs: false``, a penalty of 0...).  Unknown fields are refused too.
+formats, penalties, audio...) are refused with a 422 that names them, unless given their
+no-op value (null, ``tool_choice: "none"``, ``response_format: {"type": "text"}``, a
+penalty of 0...).  Unknown fields are refused too.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from batchserve.apps.llm import GenerationHost
+from batchserve.apps.logprobs import chat_logprobs
 from batchserve.apps.openai import served_model
 from batchserve.apps.textgen import (
     MAX_TOKENS,
     SamplingFields,
     event_stream,
+    logprobs_vocabulary,
     not_supported,
     response_header,
     results,
@@ -37,7 +42,7 @@ from batchserve.apps.textgen import (
     total_usage,
 )
 from batchserve.errors import ContextLengthError, InputError
-from batchserve.generation import GenerationEngine
+from batchserve.generation import MAX_TOP_LOGPROBS, GenerationEngine
 from batchserve.server.openai_errors import MODEL_NOT_FOUND
 
 ROUTE = "/v1/chat/completions"
@@ -122,8 +127,10 @@ class ChatRequest(SamplingFields):
     functions: None = Field(None, description="not supported (null or [])")
     function_call: None = Field(None, description='not supported (null or "none")')
     response_format: None = Field(None, description='not supported (null or {"type": "text"})')
-    logprobs: None = Field(None, description="not supported (null or false)")
-    top_logprobs: None = Field(None, description="not supported (null or 0)")
+    logprobs: bool | None = Field(None, description="each choice's tokens with their log-probabilities (the model's distribution)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="the likeliest tokens given at each position (needs logprobs: true)"
+    )
     logit_bias: None = Field(None, description="not supported (null or {})")
     presence_penalty: None = Field(None, description="not supported (null or 0)")
     frequency_penalty: None = Field(None, description="not supported (null or 0)")
@@ -141,8 +148,18 @@ class ChatRequest(SamplingFields):
         not_supported(["none"], "no tool calling")
     )
     check_format = field_validator("response_format", mode="before")(not_supported([{"type": "text"}], "text only"))
-    check_logprobs = field_validator("logprobs", mode="before")(not_supported([False]))
-    check_top_logprobs = field_validator("top_logprobs", mode="before")(not_supported([0]))
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs: true", {})
+        return value
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """What the engine computes: None, or how many top log-probabilities with each token's."""
+        return (self.top_logprobs or 0) if self.logprobs else None
     check_penalties = field_validator("presence_penalty", "frequency_penalty", mode="before")(not_supported([0, 0.0]))
     check_bias = field_validator("logit_bias", mode="before")(not_supported([{}]))
     check_modalities = field_validator("modalities", mode="before")(not_supported([["text"]], "text only"))
@@ -205,15 +222,16 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         header = response_header("chatcmpl", "chat.completion", served_model(body.model, engine.name, ROUTE))
         prompt = chat_prompt(engine, [message.for_template() for message in body.messages])
         max_tokens = completion_budget(len(prompt), body.asked_tokens(), context_size(engine))
-        generations = submit_all(engine, [prompt], body.sampling(max_tokens), body.n, timeout, body.stream)
+        vocabulary = logprobs_vocabulary(host) if body.logprobs else None
+        generations = submit_all(engine, [prompt], body.sampling(max_tokens, body.logprobs_asked), body.n, timeout, body.stream)
         if body.stream:
-            return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations))
+            return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations, vocabulary))
         completions = await results(request, generations)
         choices = [
             {
                 "index": choice.index,
                 "message": {"role": "assistant", "content": choice.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(choice.logprobs, vocabulary) if vocabulary is not None else None,
                 "finish_reason": choice.finish_reason,
             }
             for choice in completions[0].choices
@@ -221,14 +239,17 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         return {**header, "choices": choices, "usage": total_usage(completions)}
 
 
-def stream(header: dict, body: ChatRequest, generations):
+def stream(header: dict, body: ChatRequest, generations, vocabulary=None):
     extra = {"usage": None} if body.include_usage else {}  # OpenAI: every chunk but the last has usage null
 
-    def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
-        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+    def chunk(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**header, "choices": [choice], **extra}
 
     def chunks(_, delta):
-        if delta.text:
+        if vocabulary is not None and delta.logprobs:  # the tokens of this text (a piece may have none, or its text be held back)
+            yield chunk(delta.index, {"content": delta.text}, None, chat_logprobs(delta.logprobs, vocabulary))
+        elif delta.text:
             yield chunk(delta.index, {"content": delta.text}, None)
         if delta.finish_reason is not None:
             yield chunk(delta.index, {}, delta.finish_reason)

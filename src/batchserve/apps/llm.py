@@ -85,16 +85,16 @@ class GenerationHost:
         await asyncio.shield(self._loading)
 
     async def _load_and_keep(self) -> None:
-        lm, engine = await asyncio.to_thread(self._load)
+        lm, engine, vocabulary = await asyncio.to_thread(self._load)
         if self._loading is not asyncio.current_task():  # closed while it loaded: nobody is left to use it
             await asyncio.to_thread(engine.stop)
             return
         self.lm = lm
-        self.vocabulary = Vocabulary.of(lm.tokenizer)
+        self.vocabulary = vocabulary
         self.load_info = {**lm.describe(), **lm.load_info}
         self.engine = engine
 
-    def _load(self) -> tuple[CausalLM, GenerationEngine]:
+    def _load(self) -> tuple[CausalLM, GenerationEngine, Vocabulary | None]:
         generation = self.settings.generation
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
         lm = self.runtime.load(
@@ -107,10 +107,13 @@ class GenerationHost:
         )
         if lm.max_kv_tokens:  # a KV cache of a fixed size: admit no more than it holds (503 past it)
             limits.max_kv_tokens = min(limits.max_kv_tokens, lm.max_kv_tokens)
+        vocabulary = Vocabulary.of(lm.tokenizer)
+        if vocabulary is not None:  # its tokens' bytes (logprobs, pieces), built now rather than at a first request
+            vocabulary.token_bytes(0)
         engine = GenerationEngine(lm, limits)
         engine.start()
         log.info("generation model %s loaded by the %s runtime in %.2f s", lm.model_name, lm.name, lm.load_info.get("load_seconds", 0.0))
-        return lm, engine
+        return lm, engine, vocabulary
 
     async def close(self) -> None:
         """One user fewer; at the last, stop the engine and forget the model (a later start loads it)."""

@@ -6,7 +6,8 @@
 * :func:`results`: every request's completion, the generations cancelled if the client leaves;
 * :func:`event_stream` / :func:`sse_response`: the server-sent events of a stream (opening
   chunks, a chunk per delta as it comes, the usage chunk, ``data: [DONE]``);
-* :func:`not_supported`: a validator for OpenAI fields these routes do not implement.
+* :func:`not_supported`: a validator for OpenAI fields these routes do not implement;
+* :func:`logprobs_vocabulary`: the model's tokens, for the ``logprobs`` of an answer.
 
 Each route supplies only its own shapes (a completion's ``text``, a chat message's ``delta``).
 """
@@ -23,12 +24,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from batchserve.apps.llm import cancel_on_disconnect
+from batchserve.apps.llm import GenerationHost, cancel_on_disconnect
 from batchserve.apps.openai import texts_of, usage
-from batchserve.errors import BatchserveError
+from batchserve.errors import BatchserveError, InputError
 from batchserve.generation import ChoiceDelta, Completion, GenerationEngine, GenerationRequest, SamplingParams
 from batchserve.server.json_response import dumps
 from batchserve.server.openai_errors import error_body
+from batchserve.tokens import Vocabulary
 
 MAX_N = 16
 MAX_TOKENS = 4096
@@ -74,7 +76,7 @@ class SamplingFields(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -83,6 +85,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             stop=self.stops,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
     @property
@@ -102,6 +105,13 @@ def not_supported(noop: Iterable[Any] = (), reason: str = "") -> classmethod:
         raise PydanticCustomError("unsupported_parameter", "not supported by this server{detail}", {"detail": detail})
 
     return classmethod(check)
+
+
+def logprobs_vocabulary(host: GenerationHost) -> Vocabulary:
+    """The vocabulary that writes out an answer's ``logprobs`` (its tokens' text and bytes)."""
+    if host.vocabulary is None:
+        raise InputError("logprobs need the model's fast tokenizer, and this model has none", param="logprobs")
+    return host.vocabulary
 
 
 def response_header(prefix: str, kind: str, model: str) -> dict[str, Any]:

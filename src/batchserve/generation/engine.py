@@ -35,7 +35,7 @@ import torch
 
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation.request import GenerationRequest, error_for
-from batchserve.generation.sampling import SamplingParams, row_generator, sample
+from batchserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams, row_generator, sample, token_logprobs
 from batchserve.generation.text import ChoiceText
 from batchserve.procinfo import release_free_heap
 from batchserve.runtimes.base import CausalLM
@@ -221,6 +221,8 @@ class GenerationEngine:
     def _check(self, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
         if not prompt_ids:
             raise InputError("the prompt must not be empty")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"logprobs takes 0 to {MAX_TOP_LOGPROBS} top log-probabilities")
         if n > self.limits.max_rows:
             raise InputError(f"n must be at most {self.limits.max_rows} on this server")
         if len(prompt_ids) + params.max_tokens > self.max_positions:
@@ -376,11 +378,19 @@ class GenerationEngine:
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token per row, then stream what it adds to each choice's text."""
+        logits = logits.float().cpu()  # once for sampling and log-probabilities
         tokens = sample(logits, [row.request.params for row in rows], [row.generator for row in rows])
         self.tokens_generated += len(tokens)
-        for row, token in zip(rows, tokens):
+        asking = [index for index, row in enumerate(rows) if row.request.params.logprobs is not None]
+        found = token_logprobs(
+            logits, asking, [tokens[index] for index in asking], [rows[index].request.params.logprobs for index in asking]
+        )
+        logprobs: list = [None] * len(rows)
+        for index, entry in zip(asking, found):
+            logprobs[index] = entry
+        for row, token, logprob in zip(rows, tokens, logprobs):
             row.length += 1
-            delta = row.text.add(token)
+            delta = row.text.add(token, logprob)
             if delta is not None:
                 row.request.emit(delta)
 

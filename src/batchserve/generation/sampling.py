@@ -1,4 +1,5 @@
-"""Per-row sampling: every row of the batch has its own temperature, top-k, top-p and seed."""
+"""Per-row sampling: every row of the batch has its own temperature, top-k, top-p and seed;
+and the log-probabilities of the tokens drawn, for the rows that ask (:func:`token_logprobs`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import numpy as np
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures this low are argmax (dividing by them overflows)
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probability comes with (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability under the model's distribution at its step, and the
+    ``top`` likeliest tokens there, ``(token, logprob)`` from the likeliest."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks: a fixed length)
+    #: None: no log-probabilities; k (0 to :data:`MAX_TOP_LOGPROBS`): each token's, with the k likeliest
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +64,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if not p.greedy:
             tokens[row] = _draw_row(logits[row], p, generator)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """For each of ``rows`` of ``logits`` ``[rows, vocab]``: ``tokens[i]``'s log-probability and the
+    ``tops[i]`` likeliest tokens', under the model's distribution: the softmax of the logits as
+    the model gives them, before temperature, top-k and top-p (so they do not depend on how the
+    row samples, and greedy decoding's token is the likeliest)."""
+    if not rows:
+        return []
+    logprobs = logits[torch.tensor(rows)].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+    most = max(tops)
+    if most:
+        values, indices = logprobs.topk(most, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+    results = []
+    for i, (token, k) in enumerate(zip(tokens, tops)):
+        top = tuple(zip(indices[i][:k], values[i][:k])) if k else ()
+        results.append(TokenLogprob(token, chosen[i], top))
+    return results
 
 
 def _draw_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
