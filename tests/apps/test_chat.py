@@ -173,7 +173,6 @@ UNSUPPORTED = {
     "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
     "logit_bias": {"42": 5},
     "presence_penalty": 0.5,
     "frequency_penalty": 1,
@@ -267,3 +266,19 @@ async def test_logprobs_on_the_torch_runtime(http):
     error = await refused(http, top_logprobs=2)
     assert error["param"] == "top_logprobs" and "needs logprobs: true" in error["message"]
     assert (await refused(http, logprobs=True, top_logprobs=21))["param"] == "top_logprobs"
+
+
+@on_module_loop
+async def test_json_schema_on_the_torch_runtime(http):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 20}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    body = await chat(http, n=2, temperature=0.8, seed=4, max_tokens=60, response_format=response_format)
+    for choice in body["choices"]:
+        value = json.loads(choice["message"]["content"])
+        assert choice["finish_reason"] == "stop" and set(value) == {"answer", "sure"} and len(value["answer"]) <= 20
+    assert (await chat(http, max_tokens=2, response_format={"type": "text"}))["choices"][0]["message"]["content"]

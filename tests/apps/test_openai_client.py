@@ -5,11 +5,15 @@ embeddings, and the typed errors it raises.  One server for the module; few smal
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
+import re
 
 import numpy as np
 import openai
 import pytest
 import pytest_asyncio
+from pydantic import BaseModel, Field
 
 from tests.conftest import ServerProcess
 
@@ -180,3 +184,70 @@ def test_completions_logprobs_in_the_legacy_shape_whole_and_streamed(client):
         with pytest.raises(openai.UnprocessableEntityError) as raised:
             client.completions.create(**{**asked, **bad})
         assert raised.value.body["param"] == field, raised.value.body
+
+
+class Colour(str, enum.Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    city: str = Field(min_length=1, max_length=16)
+    zip_code: int = Field(ge=10000, le=99999)
+
+
+class Person(BaseModel):
+    name: str = Field(min_length=1, max_length=16)
+    age: int = Field(ge=0, le=120)
+    likes_tea: bool
+    colour: Colour
+    address: Address
+
+
+PERSON_QUESTION = [
+    {"role": "system", "content": "You answer in JSON."},
+    {"role": "user", "content": "Describe a person who lives in Paris."},
+]
+
+
+def test_parse_with_a_pydantic_model_gives_n_valid_objects(client):
+    reply = client.chat.completions.parse(
+        model=LLM, messages=PERSON_QUESTION, response_format=Person, n=3, temperature=0.8, max_tokens=120, seed=1
+    )
+    assert len(reply.choices) == 3
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        person = choice.message.parsed
+        assert isinstance(person, Person) and isinstance(person.colour, Colour) and isinstance(person.address, Address)
+        assert Person.model_validate_json(choice.message.content) == person  # the bounds hold (pydantic checks them)
+
+
+def test_json_object_mode_streamed_and_a_constrained_row_cut_at_max_tokens(client):
+    asked = {"model": LLM, "messages": PERSON_QUESTION, "response_format": {"type": "json_object"}, "temperature": 0}
+    text = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(**asked, max_tokens=200, stream=True)
+        if chunk.choices
+    )
+    assert isinstance(json.loads(text), dict)
+    with pytest.raises(openai.LengthFinishReasonError):  # the client's own error, as with OpenAI
+        client.chat.completions.parse(**{**asked, "response_format": Person}, max_tokens=5)
+
+
+def test_regex_constrained_completion_and_bad_constraints_are_422s(client):
+    regex = {"type": "regex", "regex": r"[0-9]{3}-[a-z]{2,5}"}
+    completion = client.completions.create(
+        model=LLM, prompt="A code:", max_tokens=20, temperature=1.0, n=3, seed=2, extra_body={"response_format": regex}
+    )
+    for choice in completion.choices:
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", choice.text) and choice.finish_reason == "stop", choice.text
+    bad = {
+        "uniqueItems": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+        "look-around": {"type": "regex", "regex": "(?=a)b"},
+        "needs the field": {"type": "json_schema"},
+    }
+    for expected, response_format in bad.items():
+        with pytest.raises(openai.UnprocessableEntityError) as raised:
+            client.chat.completions.create(model=LLM, messages=QUESTION, max_tokens=2, response_format=response_format)
+        assert expected in raised.value.body["message"] and raised.value.body["param"].startswith("response_format")

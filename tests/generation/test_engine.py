@@ -308,3 +308,48 @@ async def test_logprobs_follow_the_tokens_and_leave_out_the_stop_token(lm, engin
     assert all(entry.top == () for entry in entries)
     with pytest.raises(InputError, match="logprobs takes 0 to 20"):
         engine.submit(prompt, SamplingParams(max_tokens=2, logprobs=21), timeout=10)
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tea": {"type": "boolean"},
+        "colour": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "age", "tea", "colour"],
+    "additionalProperties": False,
+}
+
+
+async def test_constrained_and_free_rows_share_steps_and_each_get_what_they_asked(engine):
+    import json
+
+    from batchserve.generation.constraint import Constraint
+
+    compiled = engine.constraints.compile(Constraint("json_schema", json.dumps(PERSON_SCHEMA)))
+    free_prompt = engine.encode("The capital of France is")
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    alone = await engine.submit(free_prompt, greedy, timeout=120, streamed=False).result()
+    prompt = engine.encode("A person as JSON:")
+    hot = SamplingParams(max_tokens=60, temperature=0.9, seed=5, logprobs=2)
+    requests = [
+        engine.submit(prompt, hot, n=3, timeout=120, streamed=False, constraint=compiled),
+        engine.submit(free_prompt, greedy, timeout=120, streamed=False),
+    ]
+    constrained, free = await asyncio.gather(*(request.result() for request in requests))
+    assert requests[0].admitted_step == requests[1].admitted_step  # one batch: they decode in the same steps
+    assert free.choices[0].token_ids == alone.choices[0].token_ids
+    for choice in constrained.choices:
+        value = json.loads(choice.text)
+        assert choice.finish_reason == "stop" and set(value) == {"name", "age", "tea", "colour"}, choice.text
+        assert 1 <= len(value["name"]) <= 12 and 0 <= value["age"] <= 120 and value["colour"] in ("red", "green", "blue")
+        assert isinstance(value["tea"], bool)
+        assert all(entry.top[0][1] >= entry.logprob for entry in choice.logprobs)
+    cut = await engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), timeout=120, constraint=compiled).result()
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].text.startswith("{")
+    with pytest.raises(InputError, match='Unimplemented keys: \\["uniqueItems"\\]'):
+        engine.constraints.compile(Constraint("json_schema", json.dumps({"type": "array", "uniqueItems": True})))
+    with pytest.raises(InputError, match="look-around"):
+        engine.constraints.compile(Constraint("regex", "(?=a)b"))

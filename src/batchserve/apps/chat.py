@@ -12,10 +12,13 @@ chunks as text comes, then a chunk with its ``finish_reason``; then the usage ch
 ``logprobs: true`` (with ``top_logprobs``, 0 to 20) gives each choice's tokens'
 log-probabilities in OpenAI's shape (:mod:`batchserve.apps.logprobs`), in the stream too.
 
-OpenAI fields that would change the answer and are not implemented here (tools, response
-formats, penalties, audio...) are refused with a 422 that names them, unless given their
-no-op value (null, ``tool_choice: "none"``, ``response_format: {"type": "text"}``, a
-penalty of 0...).  Unknown fields are refused too.
+``response_format`` keeps every choice to a JSON schema (``json_schema``), to any JSON
+object (``json_object``), or (extensions) to a regular expression or a grammar: see
+:mod:`batchserve.generation.constraint`.
+
+OpenAI fields that would change the answer and are not implemented here (tools, penalties,
+audio...) are refused with a 422 that names them, unless given their no-op value (null,
+``tool_choice: "none"``, a penalty of 0...).  Unknown fields are refused too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from batchserve.apps.logprobs import chat_logprobs
 from batchserve.apps.openai import served_model
 from batchserve.apps.textgen import (
     MAX_TOKENS,
+    ResponseFormat,
     SamplingFields,
+    compiled_constraint,
     event_stream,
     logprobs_vocabulary,
     not_supported,
@@ -126,7 +131,9 @@ class ChatRequest(SamplingFields):
     tool_choice: None = Field(None, description='not supported (null or "none")')
     functions: None = Field(None, description="not supported (null or [])")
     function_call: None = Field(None, description='not supported (null or "none")')
-    response_format: None = Field(None, description='not supported (null or {"type": "text"})')
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object, json_schema (each choice kept to the schema); extensions: regex, grammar"
+    )
     logprobs: bool | None = Field(None, description="each choice's tokens with their log-probabilities (the model's distribution)")
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="the likeliest tokens given at each position (needs logprobs: true)"
@@ -147,7 +154,6 @@ class ChatRequest(SamplingFields):
     check_tool_choice = field_validator("tool_choice", "function_call", mode="before")(
         not_supported(["none"], "no tool calling")
     )
-    check_format = field_validator("response_format", mode="before")(not_supported([{"type": "text"}], "text only"))
 
     @field_validator("top_logprobs")
     @classmethod
@@ -223,7 +229,9 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         prompt = chat_prompt(engine, [message.for_template() for message in body.messages])
         max_tokens = completion_budget(len(prompt), body.asked_tokens(), context_size(engine))
         vocabulary = logprobs_vocabulary(host) if body.logprobs else None
-        generations = submit_all(engine, [prompt], body.sampling(max_tokens, body.logprobs_asked), body.n, timeout, body.stream)
+        constraint = await compiled_constraint(engine, body.response_format)
+        sampling = body.sampling(max_tokens, body.logprobs_asked)
+        generations = submit_all(engine, [prompt], sampling, body.n, timeout, body.stream, constraint)
         if body.stream:
             return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations, vocabulary))
         completions = await results(request, generations)

@@ -8,6 +8,7 @@ a last chunk per choice with its ``finish_reason``, optionally a usage chunk, th
 ``logprobs: k`` (0 to 20; OpenAI's legacy API allowed 5) gives each choice's tokens with their
 log-probabilities and the k likeliest tokens at each position, in the legacy shape
 (:class:`batchserve.apps.logprobs.LegacyLogprobs`), each chunk of a stream with its tokens'.
+``response_format`` (an extension here) constrains every choice as on chat.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from batchserve.apps.logprobs import LegacyLogprobs
 from batchserve.apps.openai import served_model, texts_of
 from batchserve.apps.textgen import (
     MAX_TOKENS,
+    ResponseFormat,
     SamplingFields,
+    compiled_constraint,
     event_stream,
     logprobs_vocabulary,
     response_header,
@@ -47,6 +50,9 @@ class CompletionRequest(SamplingFields):
     )
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
     echo: bool = False
+    response_format: ResponseFormat | None = Field(
+        None, description="an extension to OpenAI's completions, as on chat: json_object, json_schema, regex, grammar"
+    )
     logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS,
         description=f"each token's log-probability with the k likeliest tokens' (0 to {MAX_TOP_LOGPROBS}; not with echo)",
@@ -94,7 +100,8 @@ def add_completions_route(router: APIRouter, host: GenerationHost, request_timeo
         prompts = [engine.encode(prompt) for prompt in body.prompts]
         vocabulary = logprobs_vocabulary(host) if body.logprobs is not None else None
         sampling = body.sampling(body.max_tokens, body.logprobs)
-        generations = submit_all(engine, prompts, sampling, body.n, timeout, body.stream)
+        constraint = await compiled_constraint(engine, body.response_format)
+        generations = submit_all(engine, prompts, sampling, body.n, timeout, body.stream, constraint)
         if body.stream:
             return sse_response(stream(header, body, generations, vocabulary))
         choices = []

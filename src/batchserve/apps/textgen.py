@@ -7,7 +7,9 @@
 * :func:`event_stream` / :func:`sse_response`: the server-sent events of a stream (opening
   chunks, a chunk per delta as it comes, the usage chunk, ``data: [DONE]``);
 * :func:`not_supported`: a validator for OpenAI fields these routes do not implement;
-* :func:`logprobs_vocabulary`: the model's tokens, for the ``logprobs`` of an answer.
+* :func:`logprobs_vocabulary`: the model's tokens, for the ``logprobs`` of an answer;
+* :class:`ResponseFormat` and :func:`compiled_constraint`: ``response_format``, the constraint
+  every choice's tokens are kept to (OpenAI's JSON modes; ``regex`` and ``grammar`` extensions).
 
 Each route supplies only its own shapes (a completion's ``text``, a chat message's ``delta``).
 """
@@ -15,19 +17,21 @@ Each route supplies only its own shapes (a completion's ``text``, a chat message
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable, Iterable
+from typing import Annotated, Any, AsyncIterator, Callable, Iterable, Literal
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from batchserve.apps.llm import GenerationHost, cancel_on_disconnect
 from batchserve.apps.openai import texts_of, usage
 from batchserve.errors import BatchserveError, InputError
 from batchserve.generation import ChoiceDelta, Completion, GenerationEngine, GenerationRequest, SamplingParams
+from batchserve.generation.constraint import CompiledConstraint, Constraint
 from batchserve.server.json_response import dumps
 from batchserve.server.openai_errors import error_body
 from batchserve.tokens import Vocabulary
@@ -43,6 +47,58 @@ Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64, description="the schema's name (OpenAI asks for one; not used)")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema every choice is kept to")
+    strict: bool | None = Field(None, description="either way, the output is kept to the schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``, and two batchserve extensions: ``{"type": "regex", "regex":
+    "..."}`` and ``{"type": "grammar", "grammar": "...", "syntax": "lark" | "gbnf"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = Field(None, min_length=1, description='with type "regex": the regular expression the text matches')
+    grammar: str | None = Field(None, min_length=1, description='with type "grammar": a Lark (or GBNF) grammar')
+    syntax: Literal["lark", "gbnf"] = Field("lark", description="the grammar's syntax")
+
+    @model_validator(mode="after")
+    def check_fields(self) -> "ResponseFormat":
+        needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
+        if self.type in needed and needed[self.type] is None:
+            raise ValueError(f'type "{self.type}" needs the field "{self.type}"')
+        for field, value in needed.items():
+            if value is not None and field != self.type:
+                raise ValueError(f'"{field}" goes with type "{field}", not "{self.type}"')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_schema":
+            return Constraint("json_schema", json.dumps(self.json_schema.schema_))
+        if self.type == "regex":
+            return Constraint("regex", self.regex)
+        if self.type == "grammar":
+            if self.syntax == "gbnf":
+                return Constraint("gbnf", self.grammar)
+            return Constraint("grammar", self.grammar)
+        return Constraint("json_object") if self.type == "json_object" else None
+
+
+async def compiled_constraint(engine: GenerationEngine, response_format: ResponseFormat | None) -> CompiledConstraint | None:
+    """The request's constraint checked and compiled for the model (in a thread: a grammar may
+    take a while); a 422 naming an unsupported feature."""
+    constraint = response_format.constraint() if response_format is not None else None
+    if constraint is None:
+        return None
+    return await asyncio.to_thread(engine.constraints.compile, constraint)
 
 
 class SamplingFields(BaseModel):
@@ -120,13 +176,19 @@ def response_header(prefix: str, kind: str, model: str) -> dict[str, Any]:
 
 
 def submit_all(
-    engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, n: int, timeout: float, streamed: bool
+    engine: GenerationEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    timeout: float,
+    streamed: bool,
+    constraint: CompiledConstraint | None = None,
 ) -> list[GenerationRequest]:
     """One engine request per prompt; if one is refused, the ones already queued are withdrawn."""
     generations: list[GenerationRequest] = []
     try:
         for prompt_ids in prompts:
-            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout, streamed=streamed))
+            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout, streamed=streamed, constraint=constraint))
     except BaseException:
         for generation in generations:
             generation.cancel()

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchserve.errors import BatchserveError, DeadlineExceededError
 from batchserve.generation.sampling import SamplingParams, TokenLogprob
@@ -66,6 +67,7 @@ class GenerationRequest:
     admitted_step: int | None = None  # the engine step at which the request joined the batch
     submitted: float = field(default_factory=time.monotonic)  # for the engine's time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    constraint: Any = None  # a CompiledConstraint: each choice's tokens kept to it
 
     @property
     def kv_tokens(self) -> int:

@@ -69,8 +69,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """For each of ``rows`` of ``logits`` ``[rows, vocab]``: ``tokens[i]``'s log-probability and the
     ``tops[i]`` likeliest tokens', under the model's distribution: the softmax of the logits as
-    the model gives them, before temperature, top-k and top-p (so they do not depend on how the
-    row samples, and greedy decoding's token is the likeliest)."""
+    the model gives them (after a constrained row's mask), before temperature, top-k and top-p
+    (so they do not depend on how the row samples, and greedy decoding's token is the likeliest)."""
     if not rows:
         return []
     logprobs = logits[torch.tensor(rows)].float().log_softmax(dim=-1)
