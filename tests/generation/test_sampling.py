@@ -109,3 +109,15 @@ def test_token_logprobs_are_the_models_distribution_whatever_the_sampling():
     assert top_tokens == expected[0].topk(3).indices.tolist() and found[0].top[0][1] == found[0].logprob
     assert found[1].top == ()
     assert token_logprobs(scores, [], [], []) == []
+
+
+def test_penalties_and_biases_change_only_the_tokens_they_name():
+    from batchserve.generation.sampling import adjust_logits
+
+    row = torch.zeros(VOCAB)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((7, -100.0), (9, 3.0)))
+    assert params.adjusts and not SamplingParams().adjusts
+    adjust_logits(row, params, [4, 4, 4, 5])
+    expected = torch.zeros(VOCAB)
+    expected[4], expected[5], expected[7], expected[9] = -(0.5 + 3 * 0.25), -(0.5 + 0.25), -100.0, 3.0
+    assert torch.equal(row, expected)

@@ -16,9 +16,9 @@ log-probabilities in OpenAI's shape (:mod:`batchserve.apps.logprobs`), in the st
 object (``json_object``), or (extensions) to a regular expression or a grammar: see
 :mod:`batchserve.generation.constraint`.
 
-OpenAI fields that would change the answer and are not implemented here (tools, penalties,
-audio...) are refused with a 422 that names them, unless given their no-op value (null,
-``tool_choice: "none"``, a penalty of 0...).  Unknown fields are refused too.
+OpenAI fields that would change the answer and are not implemented here (tools, audio...)
+are refused with a 422 that names them, unless given their no-op value (null,
+``tool_choice: "none"``...).  Unknown fields are refused too.
 """
 
 from __future__ import annotations
@@ -111,8 +111,6 @@ class Message(BaseModel):
 
 
 class ChatRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
-
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="deprecated by OpenAI for max_completion_tokens; either")
     max_completion_tokens: int | None = Field(
@@ -138,9 +136,6 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="the likeliest tokens given at each position (needs logprobs: true)"
     )
-    logit_bias: None = Field(None, description="not supported (null or {})")
-    presence_penalty: None = Field(None, description="not supported (null or 0)")
-    frequency_penalty: None = Field(None, description="not supported (null or 0)")
     modalities: None = Field(None, description='not supported (null or ["text"])')
     audio: None = Field(None, description="not supported")
     prediction: None = Field(None, description="not supported")
@@ -166,8 +161,6 @@ class ChatRequest(SamplingFields):
     def logprobs_asked(self) -> int | None:
         """What the engine computes: None, or how many top log-probabilities with each token's."""
         return (self.top_logprobs or 0) if self.logprobs else None
-    check_penalties = field_validator("presence_penalty", "frequency_penalty", mode="before")(not_supported([0, 0.0]))
-    check_bias = field_validator("logit_bias", mode="before")(not_supported([{}]))
     check_modalities = field_validator("modalities", mode="before")(not_supported([["text"]], "text only"))
     check_others = field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", mode="before")(
         not_supported()

@@ -29,6 +29,7 @@ from batchserve.apps.textgen import (
     compiled_constraint,
     event_stream,
     logprobs_vocabulary,
+    not_supported,
     response_header,
     results,
     sse_response,
@@ -50,6 +51,8 @@ class CompletionRequest(SamplingFields):
     )
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
     echo: bool = False
+    best_of: int | None = Field(None, description="not supported: null, or equal to n (which changes nothing)")
+    suffix: str | None = Field(None, description='not supported (null or "")')
     response_format: ResponseFormat | None = Field(
         None, description="an extension to OpenAI's completions, as on chat: json_object, json_schema, regex, grammar"
     )
@@ -57,6 +60,15 @@ class CompletionRequest(SamplingFields):
         None, ge=0, le=MAX_TOP_LOGPROBS,
         description=f"each token's log-probability with the k likeliest tokens' (0 to {MAX_TOP_LOGPROBS}; not with echo)",
     )
+
+    check_suffix = field_validator("suffix", mode="before")(not_supported([""], "no insertion: see /infill"))
+
+    @field_validator("best_of")
+    @classmethod
+    def check_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_parameter", "not supported by this server (only null, or equal to n)", {})
+        return value
 
     @field_validator("logprobs", mode="before")
     @classmethod

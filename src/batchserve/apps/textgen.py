@@ -45,7 +45,12 @@ DONE = b"data: [DONE]\n\n"
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
@@ -102,7 +107,9 @@ async def compiled_constraint(engine: GenerationEngine, response_format: Respons
 
 
 class SamplingFields(BaseModel):
-    """Request fields shared by completions and chat completions."""
+    """Request fields shared by completions and chat completions; an unknown field is a 422."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="the served model (GET /v1/models); absent: the one this route serves")
     n: int = Field(1, ge=1, le=MAX_N, description="choices; they share one prefill")
@@ -114,6 +121,13 @@ class SamplingFields(BaseModel):
     )
     seed: int | None = None
     ignore_eos: bool = Field(False, description="generate max_tokens even past end-of-sequence (an extension)")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from the logit of a token the choice already drew")
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="times the number of times the choice drew a token, subtracted from its logit"
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (a string) → added to its logit (-100 to 100; -100 bans it, 100 all but forces it)"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
@@ -126,6 +140,18 @@ class SamplingFields(BaseModel):
         stops = texts_of(value, "stop")
         if len(stops) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
             raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+        for key in value:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (as strings), not {key[:40]!r}")
         return value
 
     @property
@@ -142,6 +168,9 @@ class SamplingFields(BaseModel):
             stop=self.stops,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
         )
 
     @property

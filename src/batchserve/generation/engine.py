@@ -37,7 +37,14 @@ import torch
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation.constraint import CompiledConstraint, Constraints
 from batchserve.generation.request import GenerationRequest, error_for
-from batchserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams, row_generator, sample, token_logprobs
+from batchserve.generation.sampling import (
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    adjust_logits,
+    row_generator,
+    sample,
+    token_logprobs,
+)
 from batchserve.generation.text import ChoiceText
 from batchserve.procinfo import release_free_heap
 from batchserve.runtimes.base import CausalLM
@@ -238,6 +245,10 @@ class GenerationEngine:
             raise InputError("the prompt must not be empty")
         if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
             raise InputError(f"logprobs takes 0 to {MAX_TOP_LOGPROBS} top log-probabilities")
+        vocabulary = len(self.tokenizer)
+        if any(not 0 <= token < vocabulary for token, _ in params.logit_bias):
+            wrong = next(token for token, _ in params.logit_bias if not 0 <= token < vocabulary)
+            raise InputError(f"logit_bias: {wrong} is not a token id of this model (0 to {vocabulary - 1})", param="logit_bias")
         if n > self.limits.max_rows:
             raise InputError(f"n must be at most {self.limits.max_rows} on this server")
         if len(prompt_ids) + params.max_tokens > self.max_positions:
@@ -396,8 +407,12 @@ class GenerationEngine:
         """Sample one token per row, then stream what it adds to each choice's text."""
         logits = logits.float().cpu()  # once for sampling and log-probabilities
         constrained = [index for index, row in enumerate(rows) if row.matcher is not None]
-        if constrained:  # a copy: the runtime's buffer stays as it gave it
+        adjusted = [index for index, row in enumerate(rows) if row.request.params.adjusts]
+        if constrained or adjusted:  # a copy: the runtime's buffer stays as it gave it
             logits = logits.clone()
+        for index in adjusted:  # penalties and biases, then the constraint's mask
+            adjust_logits(logits[index], rows[index].request.params, rows[index].text.tokens)
+        if constrained:
             self.constraints.mask(logits.numpy(), constrained, [rows[index].matcher for index in constrained])
         tokens = sample(logits, [row.request.params for row in rows], [row.generator for row in rows])
         self.tokens_generated += len(tokens)
