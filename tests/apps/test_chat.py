@@ -185,6 +185,8 @@ async def test_unsupported_fields_are_422s_that_name_them(http):
         error = await refused(http, **{field: value})
         assert error["param"] == field and error["code"] == "unsupported_parameter", error
         assert error["message"].startswith(f"{field}: not supported by this server"), error
+    tools = await refused(http, tools=UNSUPPORTED["tools"])
+    assert "chat template has no place for tools" in tools["message"] and "Qwen2.5-Instruct" in tools["message"]
     typo = await refused(http, max_token=5)
     assert typo["param"] == "max_token" and "unknown field" in typo["message"]
     tool_turn = await refused(http, messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}])

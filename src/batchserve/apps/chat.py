@@ -55,6 +55,12 @@ MAX_MESSAGES = 1024
 #: max_tokens when neither max_tokens nor max_completion_tokens is given (less if the context is fuller)
 DEFAULT_MAX_TOKENS = 1024
 ROLES = ("system", "developer", "user", "assistant")
+#: why tools are refused: the bundled model's chat template renders a message's role and content only
+NO_TOOLS = (
+    "no tool calling: the bundled SmolLM2-135M-Instruct's chat template has no place for tools or tool calls; "
+    "a model whose template renders `tools` (Qwen2.5-Instruct's, Llama 3.1 Instruct's) would allow it, "
+    "which this server does not implement yet"
+)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -76,7 +82,7 @@ class Message(BaseModel):
     tool_calls: None = Field(None, description="not supported")
     function_call: None = Field(None, description="not supported")
 
-    check_tools = field_validator("tool_calls", "function_call", mode="before")(not_supported([[]], "no tool calling"))
+    check_tools = field_validator("tool_calls", "function_call", mode="before")(not_supported([[]], NO_TOOLS))
 
     @field_validator("role", mode="before")
     @classmethod
@@ -144,10 +150,10 @@ class ChatRequest(SamplingFields):
     verbosity: None = Field(None, description="not supported")
 
     check_tools = field_validator("tools", "functions", mode="before")(
-        not_supported([[]], "no tool calling")
+        not_supported([[]], NO_TOOLS)
     )
     check_tool_choice = field_validator("tool_choice", "function_call", mode="before")(
-        not_supported(["none"], "no tool calling")
+        not_supported(["none"], NO_TOOLS)
     )
 
     @field_validator("top_logprobs")

@@ -245,10 +245,11 @@ class GenerationEngine:
             raise InputError("the prompt must not be empty")
         if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
             raise InputError(f"logprobs takes 0 to {MAX_TOP_LOGPROBS} top log-probabilities")
-        vocabulary = len(self.tokenizer)
-        if any(not 0 <= token < vocabulary for token, _ in params.logit_bias):
-            wrong = next(token for token, _ in params.logit_bias if not 0 <= token < vocabulary)
-            raise InputError(f"logit_bias: {wrong} is not a token id of this model (0 to {vocabulary - 1})", param="logit_bias")
+        if params.logit_bias:
+            vocabulary = len(self.tokenizer)
+            wrong = [token for token, _ in params.logit_bias if not 0 <= token < vocabulary]
+            if wrong:
+                raise InputError(f"logit_bias: {wrong[0]} is not a token id of this model (0 to {vocabulary - 1})", param="logit_bias")
         if n > self.limits.max_rows:
             raise InputError(f"n must be at most {self.limits.max_rows} on this server")
         if len(prompt_ids) + params.max_tokens > self.max_positions:
