@@ -339,7 +339,9 @@ async def test_constrained_and_free_rows_share_steps_and_each_get_what_they_aske
         engine.submit(free_prompt, greedy, timeout=120, streamed=False),
     ]
     constrained, free = await asyncio.gather(*(request.result() for request in requests))
-    assert requests[0].admitted_step == requests[1].admitted_step  # one batch: they decode in the same steps
+    # admitted together, or the free one a step later (the engine may wake between the two submits): either way
+    # it decodes in the constrained rows' steps, which take more than one (a JSON object is many tokens)
+    assert 0 <= requests[1].admitted_step - requests[0].admitted_step <= 1
     assert free.choices[0].token_ids == alone.choices[0].token_ids
     for choice in constrained.choices:
         value = json.loads(choice.text)
