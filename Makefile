@@ -87,6 +87,12 @@ bench-generation: venv
 bench-infill: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_infill.py
 
+# constrained decoding: mask time per token (llguidance; xgrammar and outlines-core when PYTHONPATH
+# reaches them), a decode step with 8 constrained rows against 8 free ones, 50 parse() calls (issue 21)
+.PHONY: bench-constrained
+bench-constrained: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_constrained.py
+
 # batchserve's generation app against llama.cpp's own llama-server, same GGUF, in one run (issue 12);
 # never part of `make test`. LLAMA_SERVER: a llama-server binary; without it, one is built once into
 # benchmarks/out/llama.cpp-build from the llama.cpp that llama-cpp-python vendors (about 16 min CPU)

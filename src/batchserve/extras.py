@@ -50,6 +50,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "gguf": "gguf",
         "accelerate": "accelerate",
         "llama_cpp": "llama-cpp-python",
+        "llguidance": "llguidance",
     },
     "redis": {
         "redis": "redis",

@@ -173,12 +173,6 @@ UNSUPPORTED = {
     "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
-    "logprobs": True,
-    "top_logprobs": 2,
-    "logit_bias": {"42": 5},
-    "presence_penalty": 0.5,
-    "frequency_penalty": 1,
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
     "reasoning_effort": "low",
@@ -191,6 +185,8 @@ async def test_unsupported_fields_are_422s_that_name_them(http):
         error = await refused(http, **{field: value})
         assert error["param"] == field and error["code"] == "unsupported_parameter", error
         assert error["message"].startswith(f"{field}: not supported by this server"), error
+    tools = await refused(http, tools=UNSUPPORTED["tools"])
+    assert "chat template has no place for tools" in tools["message"] and "Qwen2.5-Instruct" in tools["message"]
     typo = await refused(http, max_token=5)
     assert typo["param"] == "max_token" and "unknown field" in typo["message"]
     tool_turn = await refused(http, messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}])
@@ -247,3 +243,41 @@ async def test_a_model_without_a_chat_template_answers_422_pointing_to_completio
             assert "has no chat template" in error["message"] and "/v1/completions" in error["message"]
             completion = await other.post("/v1/completions", json={"prompt": RENDERED, "max_tokens": 1})
             assert completion.status_code == 200 and completion.json()["model"] == "plain-lm"
+
+
+@on_module_loop
+async def test_tokenize_on_the_torch_runtime_counts_as_chat_does(http):
+    answer = await chat(http, max_tokens=1, temperature=0)
+    counted = (await http.post("/tokenize", json={"content": RENDERED, "add_special": True})).json()["tokens"]
+    assert len(counted) == answer["usage"]["prompt_tokens"]
+    pieces = (await http.post("/tokenize", json={"content": RENDERED, "with_pieces": True, "model": MODEL})).json()["tokens"]
+    assert "".join(piece["piece"] for piece in pieces) == RENDERED
+    assert (await http.post("/detokenize", json={"tokens": counted})).json() == {"content": RENDERED}
+
+
+@on_module_loop
+async def test_logprobs_on_the_torch_runtime(http):
+    body = await chat(http, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert b"".join(bytes(item["bytes"]) for item in content).decode() == body["choices"][0]["message"]["content"]
+    for item in content:  # greedy: each token is the likeliest
+        assert item["top_logprobs"][0]["token"] == item["token"] and item["top_logprobs"][0]["logprob"] == item["logprob"]
+    error = await refused(http, top_logprobs=2)
+    assert error["param"] == "top_logprobs" and "needs logprobs: true" in error["message"]
+    assert (await refused(http, logprobs=True, top_logprobs=21))["param"] == "top_logprobs"
+
+
+@on_module_loop
+async def test_json_schema_on_the_torch_runtime(http):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 20}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    body = await chat(http, n=2, temperature=0.8, seed=4, max_tokens=60, response_format=response_format)
+    for choice in body["choices"]:
+        value = json.loads(choice["message"]["content"])
+        assert choice["finish_reason"] == "stop" and set(value) == {"answer", "sure"} and len(value["answer"]) <= 20
+    assert (await chat(http, max_tokens=2, response_format={"type": "text"}))["choices"][0]["message"]["content"]

@@ -129,3 +129,24 @@ def _metric(text: str, name: str) -> str:
         if line.startswith(name):
             return line.rsplit(" ", 1)[1]
     raise AssertionError(f"{name} not in metrics")
+
+
+@on_module_loop
+async def test_tokenize_gives_the_models_wordpieces_without_truncation(embeddings_app):
+    text = "Batching unbelievable sentences"
+    reply = (await embeddings_app.post("/tokenize", json={"content": text, "add_special": True, "with_pieces": True})).json()
+    pieces = [token["piece"] for token in reply["tokens"]]
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and "batch" in pieces
+    usage = (await embeddings_app.post("/v1/embeddings", json={"input": text})).json()["usage"]
+    assert usage["prompt_tokens"] == len(pieces)
+    long = (await embeddings_app.post("/tokenize", json={"content": "word " * 400})).json()["tokens"]
+    assert len(long) == 400  # the model reads its first 256 tokens; /tokenize counts them all
+    ids = [token["id"] for token in reply["tokens"]]
+    detokenized = (await embeddings_app.post("/detokenize", json={"tokens": ids})).json()["content"]
+    assert detokenized == "[CLS] batching unbelievable sentences [SEP]"
+
+
+@on_module_loop
+async def test_tokenize_refuses_a_lone_surrogate(embeddings_app):
+    reply = await embeddings_app.post("/tokenize", content=b'{"content": "ab\\ud800"}', headers={"Content-Type": "application/json"})
+    assert reply.status_code == 422 and "lone surrogate at character 2" in reply.json()["error"]["message"]

@@ -252,3 +252,71 @@ def test_readyz_and_metrics_show_the_runtime_and_its_prefix_cache(client):
     assert counter("batchserve_generation_prefix_cache_hits_total") >= hits + 1
     assert counter("batchserve_generation_prefix_cache_reused_tokens_total") >= reused + 15
     assert engine_state(client)["prefix_cache"]["tokens"] <= 4096
+
+
+TOKENIZE_TEXT = "Héllo wörld 😀 <|im_end|> over\nthe lazy dog"
+
+
+def test_tokenize_counts_as_the_completions_route_and_detokenize_inverts_it(client):
+    tokens = client.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]
+    assert all(isinstance(token, int) for token in tokens)
+    assert complete(client, prompt=PROMPT, max_tokens=1, temperature=0)["usage"]["prompt_tokens"] == len(tokens)
+    plain = client.post("/tokenize", json={"content": TOKENIZE_TEXT}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": plain}).json() == {"content": TOKENIZE_TEXT}
+    pieces = client.post("/tokenize", json={"content": TOKENIZE_TEXT, "with_pieces": True}).json()["tokens"]
+    assert [piece["id"] for piece in pieces] == plain
+    assert "<|im_end|>" in [piece["piece"] for piece in pieces]  # a special token in the text is that token
+    # the emoji's four bytes span two tokens: their pieces are lists of bytes, as llama.cpp writes them
+    joined = b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode() for p in pieces)
+    assert joined.decode() == TOKENIZE_TEXT
+    assert any(isinstance(piece["piece"], list) for piece in pieces)
+    assert client.post("/tokenize", json={"content": ""}).json() == {"tokens": []}
+
+
+def test_tokenize_and_detokenize_refuse_bad_bodies(client):
+    def refused(path: str, body, status: int = 422) -> str:
+        reply = client.post(path, json=body)
+        assert reply.status_code == status, reply.text
+        return reply.json()["error"]["message"]
+
+    assert "content" in refused("/tokenize", {})
+    assert "add_specials" in refused("/tokenize", {"content": "a", "add_specials": True})  # a typo is not dropped
+    assert "content" in refused("/tokenize", {"content": 5})
+    assert "tokens[1]: 99999999 is not a token id" in refused("/detokenize", {"tokens": [1, 99999999]})
+    assert "tokens[0]: -1 is not a token id" in refused("/detokenize", {"tokens": [-1]})
+    assert "tokens" in refused("/detokenize", {"tokens": ["a"]})
+    assert "'gpt-4' is not served here" in refused("/tokenize", {"content": "a", "model": "gpt-4"}, 404)
+
+
+def test_every_generation_route_refuses_unknown_fields(client):
+    def refused(path: str, body: dict, field: str) -> None:
+        reply = client.post(path, json=body)
+        assert reply.status_code == 422, (path, body, reply.text)
+        assert field in reply.json()["error"]["message"], reply.text
+
+    refused("/v1/completions", {"prompt": "Hello", "max_token": 5}, "max_token")
+    refused("/v1/completions", {"prompt": "Hello", "temprature": 0.5}, "temprature")
+    refused("/v1/completions", {"prompt": "Hello", "best_of": 3}, "best_of")
+    refused("/v1/completions", {"prompt": "Hello", "suffix": "world"}, "suffix")
+    refused("/v1/completions", {"prompt": "Hello", "stream_options": {"include_usag": True}}, "include_usag")
+    refused("/v1/completions", {"prompt": "Hello", "logit_bias": {"a": 1}}, "token ids")
+    refused("/v1/completions", {"prompt": "Hello", "logit_bias": {"99999999": 1}}, "99999999 is not a token id")
+    refused("/v1/completions", {"prompt": "Hello", "presence_penalty": 3}, "presence_penalty")
+    refused("/autocomplete", {"context": "Hello", "max_token": 5}, "max_token")
+    refused("/infill", {"text": "a [MASK] day", "candidate": 3}, "candidate")
+    # the no-op values of what is not implemented pass
+    assert complete(client, prompt="Hello", max_tokens=1, best_of=1, suffix="", temperature=0)["choices"]
+
+
+def test_logit_bias_and_penalties_change_the_greedy_answer(client):
+    asked = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    free = client.post("/tokenize", json={"content": complete(client, **asked)["choices"][0]["text"]}).json()["tokens"]
+    banned = complete(client, **asked, logit_bias={str(free[0]): -100})["choices"][0]["text"]
+    assert client.post("/tokenize", json={"content": banned}).json()["tokens"][0] != free[0]
+    forced = complete(client, **asked, logit_bias={"28": 100})["choices"][0]["text"]  # 28: ","
+    assert forced == ",,,,", forced
+    count = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 12, "temperature": 0}
+    plain = complete(client, **count)["choices"][0]["text"]
+    assert plain.count(",") >= 4, plain  # the model goes on: 6, 7, 8...
+    penalized = complete(client, **count, frequency_penalty=2.0, presence_penalty=2.0)["choices"][0]["text"]
+    assert penalized.count(",") < plain.count(","), (plain, penalized)  # ...unless its commas are penalized

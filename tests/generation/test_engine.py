@@ -279,3 +279,79 @@ async def test_a_failed_prefill_fails_only_the_newcomer(lm, engine):
         while engine.active_rows:
             await asyncio.sleep(0.01)
     assert lm.live == []
+
+
+async def test_logprobs_follow_the_tokens_and_leave_out_the_stop_token(lm, engine):
+    prompt = engine.encode("The capital of France is")
+    greedy = SamplingParams(max_tokens=6, temperature=0, logprobs=3)
+    sampled = SamplingParams(max_tokens=6, temperature=1.5, top_k=5, seed=7, logprobs=3)
+    plain = SamplingParams(max_tokens=6, temperature=0)
+    first, second, third = await asyncio.gather(
+        *(engine.submit(prompt, params, timeout=120, streamed=False).result() for params in (greedy, sampled, plain))
+    )
+    (choice,) = first.choices
+    assert [entry.token for entry in choice.logprobs] == choice.token_ids
+    for entry in choice.logprobs:  # greedy: each token is the likeliest
+        assert entry.top[0][0] == entry.token and entry.top[0][1] == entry.logprob and len(entry.top) == 3
+    with torch.inference_mode():  # the model's own distribution, not the sampled one (temperature 1.5, top-k 5)
+        expected = lm.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
+    top = second.choices[0].logprobs[0].top
+    assert [token for token, _ in top] == expected.topk(3).indices.tolist()
+    assert all(abs(value - float(expected[token])) < 1e-3 for token, value in top)
+    assert third.choices[0].logprobs == []
+    streamed = engine.submit(engine.encode("Say hi."), SamplingParams(max_tokens=40, temperature=0, logprobs=0), timeout=120)
+    deltas = [delta async for delta in streamed.stream()]
+    tokens = [token for delta in deltas for token in delta.token_ids]
+    entries = [entry for delta in deltas for entry in delta.logprobs]
+    ended_by_stop_token = deltas[-1].finish_reason == "stop" and tokens[-1] in engine.stop_tokens
+    assert [entry.token for entry in entries] == (tokens[:-1] if ended_by_stop_token else tokens)
+    assert all(entry.top == () for entry in entries)
+    with pytest.raises(InputError, match="logprobs takes 0 to 20"):
+        engine.submit(prompt, SamplingParams(max_tokens=2, logprobs=21), timeout=10)
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tea": {"type": "boolean"},
+        "colour": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "age", "tea", "colour"],
+    "additionalProperties": False,
+}
+
+
+async def test_constrained_and_free_rows_share_steps_and_each_get_what_they_asked(engine):
+    import json
+
+    from batchserve.generation.constraint import Constraint
+
+    compiled = engine.constraints.compile(Constraint("json_schema", json.dumps(PERSON_SCHEMA)))
+    free_prompt = engine.encode("The capital of France is")
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    alone = await engine.submit(free_prompt, greedy, timeout=120, streamed=False).result()
+    prompt = engine.encode("A person as JSON:")
+    hot = SamplingParams(max_tokens=60, temperature=0.9, seed=5, logprobs=2)
+    requests = [
+        engine.submit(prompt, hot, n=3, timeout=120, streamed=False, constraint=compiled),
+        engine.submit(free_prompt, greedy, timeout=120, streamed=False),
+    ]
+    constrained, free = await asyncio.gather(*(request.result() for request in requests))
+    # admitted together, or the free one a step later (the engine may wake between the two submits): either way
+    # it decodes in the constrained rows' steps, which take more than one (a JSON object is many tokens)
+    assert 0 <= requests[1].admitted_step - requests[0].admitted_step <= 1
+    assert free.choices[0].token_ids == alone.choices[0].token_ids
+    for choice in constrained.choices:
+        value = json.loads(choice.text)
+        assert choice.finish_reason == "stop" and set(value) == {"name", "age", "tea", "colour"}, choice.text
+        assert 1 <= len(value["name"]) <= 12 and 0 <= value["age"] <= 120 and value["colour"] in ("red", "green", "blue")
+        assert isinstance(value["tea"], bool)
+        assert all(entry.top[0][1] >= entry.logprob for entry in choice.logprobs)
+    cut = await engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), timeout=120, constraint=compiled).result()
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].text.startswith("{")
+    with pytest.raises(InputError, match='Unimplemented keys: \\["uniqueItems"\\]'):
+        engine.constraints.compile(Constraint("json_schema", json.dumps({"type": "array", "uniqueItems": True})))
+    with pytest.raises(InputError, match="look-around"):
+        engine.constraints.compile(Constraint("regex", "(?=a)b"))

@@ -130,3 +130,32 @@ async def test_a_refused_prompt_fails_only_its_request(llama, engine):
     assert result.choices[0].tokens == MAX_TOKENS or result.choices[0].finish_reason == "stop"
     await idle(engine)
     assert llama.live == []
+
+
+async def test_a_constrained_and_a_free_request_in_one_batch_each_get_what_they_asked(engine):
+    import json
+
+    from batchserve.generation.constraint import Constraint
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "big": {"type": "boolean"}},
+        "required": ["city", "big"],
+        "additionalProperties": False,
+    }
+    compiled = engine.constraints.compile(Constraint("json_schema", json.dumps(schema)))
+    free_prompt = engine.encode("Once upon a time, in a small village,")
+    tokens, margins = await engine.call(alone, free_prompt, 8)
+    requests = [
+        engine.submit(engine.encode("A city as JSON:"), SamplingParams(max_tokens=40, temperature=0.8, seed=9), n=2,
+                      timeout=120, constraint=compiled),
+        engine.submit(free_prompt, SamplingParams(max_tokens=8, temperature=0), timeout=120),
+    ]
+    constrained, free = await asyncio.gather(*(request.result() for request in requests))
+    # admitted together, or the free one a step later (the engine may wake between the two submits): either way
+    # it decodes in the constrained rows' steps, which take more than one (a JSON object is many tokens)
+    assert 0 <= requests[1].admitted_step - requests[0].admitted_step <= 1
+    assert_same_greedy(free.choices[0].token_ids, tokens, margins, "the free row")
+    for choice in constrained.choices:
+        value = json.loads(choice.text)
+        assert set(value) == {"city", "big"} and len(value["city"]) <= 12 and isinstance(value["big"], bool), choice.text

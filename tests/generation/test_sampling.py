@@ -94,3 +94,30 @@ def test_the_whole_vocabulary_is_drawn_by_its_inverse_cdf_block_by_block():
     probs = vocab.softmax(-1).numpy()
     best = int(probs.argmax())  # 60 copies of each of the 50 tokens: each copy drawn as often as its probability says
     assert abs(counts[best] / 4000 - probs[best]) < 0.02
+
+
+def test_token_logprobs_are_the_models_distribution_whatever_the_sampling():
+    from batchserve.generation.sampling import token_logprobs
+
+    scores = logits(3)
+    expected = scores.log_softmax(-1)
+    tokens = [int(scores[0].argmax()), 7, 11]
+    found = token_logprobs(scores, [0, 2], [tokens[0], tokens[2]], [3, 0])
+    assert [entry.token for entry in found] == [tokens[0], tokens[2]]
+    assert abs(found[0].logprob - float(expected[0].max())) < 1e-6 and abs(found[1].logprob - float(expected[2, 11])) < 1e-6
+    top_tokens = [token for token, _ in found[0].top]
+    assert top_tokens == expected[0].topk(3).indices.tolist() and found[0].top[0][1] == found[0].logprob
+    assert found[1].top == ()
+    assert token_logprobs(scores, [], [], []) == []
+
+
+def test_penalties_and_biases_change_only_the_tokens_they_name():
+    from batchserve.generation.sampling import adjust_logits
+
+    row = torch.zeros(VOCAB)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((7, -100.0), (9, 3.0)))
+    assert params.adjusts and not SamplingParams().adjusts
+    adjust_logits(row, params, [4, 4, 4, 5])
+    expected = torch.zeros(VOCAB)
+    expected[4], expected[5], expected[7], expected[9] = -(0.5 + 3 * 0.25), -(0.5 + 0.25), -100.0, 3.0
+    assert torch.equal(row, expected)

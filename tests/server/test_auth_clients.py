@@ -87,6 +87,21 @@ def test_openai_client_raises_authentication_error(server, key):
     assert after[reason] - before[reason] == len(CALLS)
 
 
+def test_tokenize_needs_the_key_and_names_the_model_when_two_are_served(server):
+    for key in (None, WRONG):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for path, body in (("/tokenize", {"content": "a key"}), ("/detokenize", {"tokens": [1]})):
+            assert httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=30).status_code == 401, path
+    headers = {"Authorization": f"Bearer {KEY}"}
+    unnamed = httpx.post(f"{server.url}/tokenize", json={"content": "a key"}, headers=headers, timeout=30)
+    assert unnamed.status_code == 422
+    assert unnamed.json()["error"]["message"] == f"this server serves several models ({LLM}, {EMBEDDER}): name one in 'model'"
+    for model, expected in ((LLM, ["a", " key"]), (EMBEDDER, ["[CLS]", "a", "key", "[SEP]"])):
+        body = {"content": "a key", "model": model, "with_pieces": True, "add_special": model == EMBEDDER}
+        tokens = httpx.post(f"{server.url}/tokenize", json=body, headers=headers, timeout=30).json()["tokens"]
+        assert [token["piece"] for token in tokens] == expected, model
+
+
 def test_editor_asks_for_the_key_once_per_tab(server, browser):  # noqa: F811
     page = browser.new_page()
     try:

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
-from batchserve.apps.routes import APP_ROUTES, MODEL_ROUTES, who_serves
+from batchserve.apps.routes import APP_ROUTES, MODEL_ROUTES, SHARED_ROUTES, who_serves
 from batchserve.server.app import create_app
 from batchserve.settings import Settings
 from tests.conftest import ServerProcess, terminate
@@ -83,6 +83,12 @@ def test_the_route_table_is_the_routes_the_apps_build():
     assert who_serves("/v1/chat/completions") == "--app generation"
     assert who_serves("/models/x/predict") == "--model module:attr"
     assert who_serves("/") is None and who_serves("/v1/embeddingsX") is None
+    # the routes the server adds for the models of several apps: there with any of them, absent without
+    for apps in (["generation"], ["embeddings"]):
+        paths = set(create_app(Settings.from_options(apps=apps)).openapi()["paths"])
+        assert set(SHARED_ROUTES) <= paths and all(apps[0] in SHARED_ROUTES[path] for path in SHARED_ROUTES)
+    assert not set(SHARED_ROUTES) & set(create_app(Settings.from_options(models=["tests.fakes:echo"])).openapi()["paths"])
+    assert who_serves("/tokenize") == "--app generation or --app embeddings"
 
 
 def output_of(server: ServerProcess) -> str:

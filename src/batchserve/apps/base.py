@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Header
 
@@ -11,6 +11,7 @@ from batchserve.batching import Batcher
 from batchserve.errors import InputError
 from batchserve.model import ModelSpec
 from batchserve.settings import MIN_REQUEST_TIMEOUT, Settings
+from batchserve.tokens import Vocabulary
 
 
 class Service:
@@ -23,8 +24,9 @@ class Service:
     What the server reads from a service: :attr:`router` (mounted), :attr:`batchers`
     (their queues and batches go to ``/metrics`` and the dashboard), :attr:`collectors`
     (more Prometheus collectors; one object shared by several services is registered
-    once), :attr:`models` (listed by ``GET /v1/models``), :attr:`error` (set when
-    :meth:`start` failed), and the lifecycle methods below.
+    once), :attr:`models` (listed by ``GET /v1/models``), :meth:`vocabularies` (the models
+    ``/tokenize`` and ``/detokenize`` serve), :attr:`error` (set when :meth:`start` failed),
+    and the lifecycle methods below.
     """
 
     def __init__(
@@ -33,12 +35,23 @@ class Service:
         router: APIRouter,
         batchers: dict[str, Batcher] | None = None,
         collectors: list[Any] | None = None,
+        vocabularies: Callable[[], dict[str, Vocabulary]] | None = None,
     ):
         self.name = name
         self.router = router
         self.batchers = batchers or {}
         self.collectors = collectors or []
         self.error: str | None = None
+        self._vocabularies = vocabularies
+
+    @property
+    def tokenizes(self) -> bool:
+        """Whether this service's models are served by ``/tokenize`` (once they are loaded)."""
+        return self._vocabularies is not None
+
+    def vocabularies(self) -> dict[str, Vocabulary]:
+        """The served models' vocabularies, by model name (``/tokenize``); none by default."""
+        return self._vocabularies() if self._vocabularies is not None else {}
 
     @property
     def models(self) -> list[str]:

@@ -9,10 +9,16 @@ A stream sends, per choice, a chunk with ``delta.role`` first, then ``delta.cont
 chunks as text comes, then a chunk with its ``finish_reason``; then the usage chunk when
 ``stream_options.include_usage`` asks for it, then ``data: [DONE]``.
 
-OpenAI fields that would change the answer and are not implemented here (tools, response
-formats, logprobs, penalties, audio...) are refused with a 422 that names them, unless
-given their no-op value (null, ``tool_choice: "none"``, ``response_format: {"type": "text"}``,
-``logprobs: false``, a penalty of 0...).  Unknown fields are refused too.
+``logprobs: true`` (with ``top_logprobs``, 0 to 20) gives each choice's tokens'
+log-probabilities in OpenAI's shape (:mod:`batchserve.apps.logprobs`), in the stream too.
+
+``response_format`` keeps every choice to a JSON schema (``json_schema``), to any JSON
+object (``json_object``), or (extensions) to a regular expression or a grammar: see
+:mod:`batchserve.generation.constraint`.
+
+OpenAI fields that would change the answer and are not implemented here (tools, audio...)
+are refused with a 422 that names them, unless given their no-op value (null,
+``tool_choice: "none"``...).  Unknown fields are refused too.
 """
 
 from __future__ import annotations
@@ -20,15 +26,19 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from batchserve.apps.llm import GenerationHost
+from batchserve.apps.logprobs import chat_logprobs
 from batchserve.apps.openai import served_model
 from batchserve.apps.textgen import (
     MAX_TOKENS,
+    ResponseFormat,
     SamplingFields,
+    compiled_constraint,
     event_stream,
+    logprobs_vocabulary,
     not_supported,
     response_header,
     results,
@@ -37,7 +47,7 @@ from batchserve.apps.textgen import (
     total_usage,
 )
 from batchserve.errors import ContextLengthError, InputError
-from batchserve.generation import GenerationEngine
+from batchserve.generation import MAX_TOP_LOGPROBS, GenerationEngine
 from batchserve.server.openai_errors import MODEL_NOT_FOUND
 
 ROUTE = "/v1/chat/completions"
@@ -45,6 +55,12 @@ MAX_MESSAGES = 1024
 #: max_tokens when neither max_tokens nor max_completion_tokens is given (less if the context is fuller)
 DEFAULT_MAX_TOKENS = 1024
 ROLES = ("system", "developer", "user", "assistant")
+#: why tools are refused: the bundled model's chat template renders a message's role and content only
+NO_TOOLS = (
+    "no tool calling: the bundled SmolLM2-135M-Instruct's chat template has no place for tools or tool calls; "
+    "a model whose template renders `tools` (Qwen2.5-Instruct's, Llama 3.1 Instruct's) would allow it, "
+    "which this server does not implement yet"
+)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -66,7 +82,7 @@ class Message(BaseModel):
     tool_calls: None = Field(None, description="not supported")
     function_call: None = Field(None, description="not supported")
 
-    check_tools = field_validator("tool_calls", "function_call", mode="before")(not_supported([[]], "no tool calling"))
+    check_tools = field_validator("tool_calls", "function_call", mode="before")(not_supported([[]], NO_TOOLS))
 
     @field_validator("role", mode="before")
     @classmethod
@@ -101,8 +117,6 @@ class Message(BaseModel):
 
 
 class ChatRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
-
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="deprecated by OpenAI for max_completion_tokens; either")
     max_completion_tokens: int | None = Field(
@@ -121,12 +135,13 @@ class ChatRequest(SamplingFields):
     tool_choice: None = Field(None, description='not supported (null or "none")')
     functions: None = Field(None, description="not supported (null or [])")
     function_call: None = Field(None, description='not supported (null or "none")')
-    response_format: None = Field(None, description='not supported (null or {"type": "text"})')
-    logprobs: None = Field(None, description="not supported (null or false)")
-    top_logprobs: None = Field(None, description="not supported (null or 0)")
-    logit_bias: None = Field(None, description="not supported (null or {})")
-    presence_penalty: None = Field(None, description="not supported (null or 0)")
-    frequency_penalty: None = Field(None, description="not supported (null or 0)")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object, json_schema (each choice kept to the schema); extensions: regex, grammar"
+    )
+    logprobs: bool | None = Field(None, description="each choice's tokens with their log-probabilities (the model's distribution)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="the likeliest tokens given at each position (needs logprobs: true)"
+    )
     modalities: None = Field(None, description='not supported (null or ["text"])')
     audio: None = Field(None, description="not supported")
     prediction: None = Field(None, description="not supported")
@@ -135,16 +150,23 @@ class ChatRequest(SamplingFields):
     verbosity: None = Field(None, description="not supported")
 
     check_tools = field_validator("tools", "functions", mode="before")(
-        not_supported([[]], "no tool calling")
+        not_supported([[]], NO_TOOLS)
     )
     check_tool_choice = field_validator("tool_choice", "function_call", mode="before")(
-        not_supported(["none"], "no tool calling")
+        not_supported(["none"], NO_TOOLS)
     )
-    check_format = field_validator("response_format", mode="before")(not_supported([{"type": "text"}], "text only"))
-    check_logprobs = field_validator("logprobs", mode="before")(not_supported([False]))
-    check_top_logprobs = field_validator("top_logprobs", mode="before")(not_supported([0]))
-    check_penalties = field_validator("presence_penalty", "frequency_penalty", mode="before")(not_supported([0, 0.0]))
-    check_bias = field_validator("logit_bias", mode="before")(not_supported([{}]))
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs: true", {})
+        return value
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """What the engine computes: None, or how many top log-probabilities with each token's."""
+        return (self.top_logprobs or 0) if self.logprobs else None
     check_modalities = field_validator("modalities", mode="before")(not_supported([["text"]], "text only"))
     check_others = field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", mode="before")(
         not_supported()
@@ -205,15 +227,18 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         header = response_header("chatcmpl", "chat.completion", served_model(body.model, engine.name, ROUTE))
         prompt = chat_prompt(engine, [message.for_template() for message in body.messages])
         max_tokens = completion_budget(len(prompt), body.asked_tokens(), context_size(engine))
-        generations = submit_all(engine, [prompt], body.sampling(max_tokens), body.n, timeout, body.stream)
+        vocabulary = logprobs_vocabulary(host) if body.logprobs else None
+        constraint = await compiled_constraint(engine, body.response_format)
+        sampling = body.sampling(max_tokens, body.logprobs_asked)
+        generations = submit_all(engine, [prompt], sampling, body.n, timeout, body.stream, constraint)
         if body.stream:
-            return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations))
+            return sse_response(stream({**header, "object": "chat.completion.chunk"}, body, generations, vocabulary))
         completions = await results(request, generations)
         choices = [
             {
                 "index": choice.index,
                 "message": {"role": "assistant", "content": choice.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(choice.logprobs, vocabulary) if vocabulary is not None else None,
                 "finish_reason": choice.finish_reason,
             }
             for choice in completions[0].choices
@@ -221,14 +246,17 @@ def add_chat_route(router: APIRouter, host: GenerationHost, request_timeout) -> 
         return {**header, "choices": choices, "usage": total_usage(completions)}
 
 
-def stream(header: dict, body: ChatRequest, generations):
+def stream(header: dict, body: ChatRequest, generations, vocabulary=None):
     extra = {"usage": None} if body.include_usage else {}  # OpenAI: every chunk but the last has usage null
 
-    def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
-        return {**header, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+    def chunk(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**header, "choices": [choice], **extra}
 
     def chunks(_, delta):
-        if delta.text:
+        if vocabulary is not None and delta.logprobs:  # the tokens of this text (a piece may have none, or its text be held back)
+            yield chunk(delta.index, {"content": delta.text}, None, chat_logprobs(delta.logprobs, vocabulary))
+        elif delta.text:
             yield chunk(delta.index, {"content": delta.text}, None)
         if delta.finish_reason is not None:
             yield chunk(delta.index, {}, delta.finish_reason)

@@ -8,6 +8,7 @@ loaded offline from its package directory by an encoder runtime (:mod:`batchserv
 # (request_models), which FastAPI can only find as evaluated annotations, not as names.
 import base64
 import functools
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -25,6 +26,7 @@ from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.json_route import JSONBodyRoute
 from batchserve.server.openai_errors import MODEL_NOT_FOUND
 from batchserve.settings import Settings
+from batchserve.tokens import Vocabulary
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 ROUTE = "/v1/embeddings"
@@ -58,6 +60,18 @@ def _length_tokenizer():
     tokenizer.no_padding()
     tokenizer.enable_truncation(json.loads((root / "sentence_bert_config.json").read_text())["max_seq_length"])
     return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_vocabulary() -> Vocabulary:
+    """The bundled model's vocabulary for ``/tokenize``: its tokenizer without truncation or
+    padding (a text's every token, as a client counting them wants)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(bundled_model_path()) / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return Vocabulary(tokenizer)
 
 
 class EmbeddingModel:
@@ -257,4 +271,7 @@ def models(settings: Settings) -> dict[str, ModelSpec]:
 
 def build(settings: Settings) -> Service:
     batcher = make_batcher(models(settings)[MODEL_NAME], settings, name=MODEL_NAME)
-    return Service("embeddings", build_router(batcher, settings), {MODEL_NAME: batcher})
+    return Service(
+        "embeddings", build_router(batcher, settings), {MODEL_NAME: batcher},
+        vocabularies=lambda: {MODEL_NAME: bundled_vocabulary()},
+    )

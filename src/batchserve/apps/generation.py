@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from batchserve.apps.base import Service, deadline_dependency
 from batchserve.apps.chat import add_chat_route
@@ -31,6 +31,8 @@ AUTOCOMPLETE_CONTEXT_TOKENS = 1024  # the editor's context is cut to its last to
 
 
 class AutocompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo is a 422, not a default silently used
+
     context: str = Field(min_length=1, description="the text before the cursor")
     n: int = Field(3, ge=1, le=8, description="how many alternative suggestions")
     max_tokens: int = Field(12, ge=1, le=128)

@@ -19,7 +19,7 @@ import re
 import time
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from batchserve.aio import SharedWork
 from batchserve.apps.base import Service, deadline_dependency
@@ -46,6 +46,8 @@ SCORED_SUFFIX = re.compile(r"(?:\s*\S+){0,%d}" % SUFFIX_WORDS)
 
 
 class InfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo is a 422, not a default silently used
+
     text: str = Field(
         min_length=1, max_length=4000, pattern=re.escape(MASK), description=f"text with 1 to {MAX_MASKS} {MASK}"
     )

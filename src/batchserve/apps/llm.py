@@ -21,6 +21,7 @@ from batchserve.errors import ClientDisconnectedError, NotReadyError
 from batchserve.generation import EngineLimits, GenerationEngine, GenerationRequest
 from batchserve.runtimes import CausalLM, language_model_class
 from batchserve.settings import GenerationSettings, LanguageModelRuntimeName, Settings
+from batchserve.tokens import Vocabulary
 
 log = logging.getLogger("batchserve.generation")
 
@@ -69,6 +70,7 @@ class GenerationHost:
         self.runtime = language_model_class(runtime_name(settings.generation, self.device))
         self.lm: CausalLM | None = None
         self.engine: GenerationEngine | None = None
+        self.vocabulary: Vocabulary | None = None  # of the loaded model (None for a slow tokenizer)
         self.load_info: dict[str, Any] = {}
         self.collector = GenerationCollector(self)
         self.key = host_key(settings)
@@ -83,15 +85,16 @@ class GenerationHost:
         await asyncio.shield(self._loading)
 
     async def _load_and_keep(self) -> None:
-        lm, engine = await asyncio.to_thread(self._load)
+        lm, engine, vocabulary = await asyncio.to_thread(self._load)
         if self._loading is not asyncio.current_task():  # closed while it loaded: nobody is left to use it
             await asyncio.to_thread(engine.stop)
             return
         self.lm = lm
+        self.vocabulary = vocabulary
         self.load_info = {**lm.describe(), **lm.load_info}
         self.engine = engine
 
-    def _load(self) -> tuple[CausalLM, GenerationEngine]:
+    def _load(self) -> tuple[CausalLM, GenerationEngine, Vocabulary | None]:
         generation = self.settings.generation
         limits = EngineLimits(max_rows=generation.generation_max_rows, max_waiting_rows=self.settings.batching.max_queue_size)
         lm = self.runtime.load(
@@ -104,10 +107,13 @@ class GenerationHost:
         )
         if lm.max_kv_tokens:  # a KV cache of a fixed size: admit no more than it holds (503 past it)
             limits.max_kv_tokens = min(limits.max_kv_tokens, lm.max_kv_tokens)
+        vocabulary = Vocabulary.of(lm.tokenizer)
+        if vocabulary is not None:  # its tokens' bytes (logprobs, pieces), built now rather than at a first request
+            vocabulary.token_bytes(0)
         engine = GenerationEngine(lm, limits)
         engine.start()
         log.info("generation model %s loaded by the %s runtime in %.2f s", lm.model_name, lm.name, lm.load_info.get("load_seconds", 0.0))
-        return lm, engine
+        return lm, engine, vocabulary
 
     async def close(self) -> None:
         """One user fewer; at the last, stop the engine and forget the model (a later start loads it)."""
@@ -119,7 +125,7 @@ class GenerationHost:
             del _hosts[self.key]
         self._loading = None  # a load still under way stops its engine when it ends
         engine, self.engine = self.engine, None
-        self.lm, self.load_info = None, {}
+        self.lm, self.load_info, self.vocabulary = None, {}, None
         if engine is not None:
             await asyncio.to_thread(engine.stop)
 
@@ -215,6 +221,14 @@ class GenerationService(Service):
     def models(self) -> list[str]:
         name = self.host.model_name
         return [name] if name else []
+
+    @property
+    def tokenizes(self) -> bool:
+        return True
+
+    def vocabularies(self) -> dict[str, Vocabulary]:
+        name, vocabulary = self.host.model_name, self.host.vocabulary
+        return {name: vocabulary} if name and vocabulary is not None else {}
 
     async def start(self) -> None:
         await self.host.start()

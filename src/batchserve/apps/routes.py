@@ -15,6 +15,11 @@ APP_ROUTES: dict[str, tuple[str, ...]] = {
     "generation": ("/v1/completions", "/v1/chat/completions", "/autocomplete", "/", "/editor/{name}"),
     "infill": ("/infill",),
 }
+#: routes the server adds for the models of any of these apps (the first named in a 404)
+SHARED_ROUTES: dict[str, tuple[str, ...]] = {
+    "/tokenize": ("generation", "embeddings"),
+    "/detokenize": ("generation", "embeddings"),
+}
 #: the routes of users' own models (``--model``)
 MODEL_ROUTES: tuple[str, ...] = ("/models/{name}/predict", "/models")
 
@@ -28,6 +33,8 @@ def who_serves(path: str) -> str | None:
     for app, routes in APP_ROUTES.items():
         if any(_matches(route, path) for route in routes):
             return f"--app {app}"
+    if path in SHARED_ROUTES:
+        return " or ".join(f"--app {app}" for app in SHARED_ROUTES[path])
     if any(_matches(route, path) for route in MODEL_ROUTES):
         return "--model module:attr"
     return None

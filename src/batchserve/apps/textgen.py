@@ -6,7 +6,10 @@
 * :func:`results`: every request's completion, the generations cancelled if the client leaves;
 * :func:`event_stream` / :func:`sse_response`: the server-sent events of a stream (opening
   chunks, a chunk per delta as it comes, the usage chunk, ``data: [DONE]``);
-* :func:`not_supported`: a validator for OpenAI fields these routes do not implement.
+* :func:`not_supported`: a validator for OpenAI fields these routes do not implement;
+* :func:`logprobs_vocabulary`: the model's tokens, for the ``logprobs`` of an answer;
+* :class:`ResponseFormat` and :func:`compiled_constraint`: ``response_format``, the constraint
+  every choice's tokens are kept to (OpenAI's JSON modes; ``regex`` and ``grammar`` extensions).
 
 Each route supplies only its own shapes (a completion's ``text``, a chat message's ``delta``).
 """
@@ -14,21 +17,24 @@ Each route supplies only its own shapes (a completion's ``text``, a chat message
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable, Iterable
+from typing import Annotated, Any, AsyncIterator, Callable, Iterable, Literal
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from batchserve.apps.llm import cancel_on_disconnect
+from batchserve.apps.llm import GenerationHost, cancel_on_disconnect
 from batchserve.apps.openai import texts_of, usage
-from batchserve.errors import BatchserveError
+from batchserve.errors import BatchserveError, InputError
 from batchserve.generation import ChoiceDelta, Completion, GenerationEngine, GenerationRequest, SamplingParams
+from batchserve.generation.constraint import CompiledConstraint, Constraint
 from batchserve.server.json_response import dumps
 from batchserve.server.openai_errors import error_body
+from batchserve.tokens import Vocabulary
 
 MAX_N = 16
 MAX_TOKENS = 4096
@@ -39,12 +45,71 @@ DONE = b"data: [DONE]\n\n"
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64, description="the schema's name (OpenAI asks for one; not used)")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema every choice is kept to")
+    strict: bool | None = Field(None, description="either way, the output is kept to the schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``, and two batchserve extensions: ``{"type": "regex", "regex":
+    "..."}`` and ``{"type": "grammar", "grammar": "...", "syntax": "lark" | "gbnf"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = Field(None, min_length=1, description='with type "regex": the regular expression the text matches')
+    grammar: str | None = Field(None, min_length=1, description='with type "grammar": a Lark (or GBNF) grammar')
+    syntax: Literal["lark", "gbnf"] = Field("lark", description="the grammar's syntax")
+
+    @model_validator(mode="after")
+    def check_fields(self) -> "ResponseFormat":
+        needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
+        if self.type in needed and needed[self.type] is None:
+            raise ValueError(f'type "{self.type}" needs the field "{self.type}"')
+        for field, value in needed.items():
+            if value is not None and field != self.type:
+                raise ValueError(f'"{field}" goes with type "{field}", not "{self.type}"')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_schema":
+            return Constraint("json_schema", json.dumps(self.json_schema.schema_))
+        if self.type == "regex":
+            return Constraint("regex", self.regex)
+        if self.type == "grammar":
+            if self.syntax == "gbnf":
+                return Constraint("gbnf", self.grammar)
+            return Constraint("grammar", self.grammar)
+        return Constraint("json_object") if self.type == "json_object" else None
+
+
+async def compiled_constraint(engine: GenerationEngine, response_format: ResponseFormat | None) -> CompiledConstraint | None:
+    """The request's constraint checked and compiled for the model (in a thread: a grammar may
+    take a while); a 422 naming an unsupported feature."""
+    constraint = response_format.constraint() if response_format is not None else None
+    if constraint is None:
+        return None
+    return await asyncio.to_thread(engine.constraints.compile, constraint)
+
+
 class SamplingFields(BaseModel):
-    """Request fields shared by completions and chat completions."""
+    """Request fields shared by completions and chat completions; an unknown field is a 422."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="the served model (GET /v1/models); absent: the one this route serves")
     n: int = Field(1, ge=1, le=MAX_N, description="choices; they share one prefill")
@@ -56,6 +121,13 @@ class SamplingFields(BaseModel):
     )
     seed: int | None = None
     ignore_eos: bool = Field(False, description="generate max_tokens even past end-of-sequence (an extension)")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from the logit of a token the choice already drew")
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="times the number of times the choice drew a token, subtracted from its logit"
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (a string) → added to its logit (-100 to 100; -100 bans it, 100 all but forces it)"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
@@ -70,11 +142,23 @@ class SamplingFields(BaseModel):
             raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+        for key in value:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (as strings), not {key[:40]!r}")
+        return value
+
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -83,6 +167,10 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             stop=self.stops,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
         )
 
     @property
@@ -104,19 +192,32 @@ def not_supported(noop: Iterable[Any] = (), reason: str = "") -> classmethod:
     return classmethod(check)
 
 
+def logprobs_vocabulary(host: GenerationHost) -> Vocabulary:
+    """The vocabulary that writes out an answer's ``logprobs`` (its tokens' text and bytes)."""
+    if host.vocabulary is None:
+        raise InputError("logprobs need the model's fast tokenizer, and this model has none", param="logprobs")
+    return host.vocabulary
+
+
 def response_header(prefix: str, kind: str, model: str) -> dict[str, Any]:
     """``id``, ``object``, ``created``, ``model``: the fields every response and chunk starts with."""
     return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
 
 
 def submit_all(
-    engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, n: int, timeout: float, streamed: bool
+    engine: GenerationEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    timeout: float,
+    streamed: bool,
+    constraint: CompiledConstraint | None = None,
 ) -> list[GenerationRequest]:
     """One engine request per prompt; if one is refused, the ones already queued are withdrawn."""
     generations: list[GenerationRequest] = []
     try:
         for prompt_ids in prompts:
-            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout, streamed=streamed))
+            generations.append(engine.submit(prompt_ids, params, n=n, timeout=timeout, streamed=streamed, constraint=constraint))
     except BaseException:
         for generation in generations:
             generation.cancel()

@@ -9,7 +9,7 @@ asyncio side holds; ``scoring`` scores texts through the runtime (infill).
 
 from batchserve.generation.engine import EngineLimits, GenerationEngine
 from batchserve.generation.request import Choice, ChoiceDelta, Completion, GenerationRequest
-from batchserve.generation.sampling import SamplingParams
+from batchserve.generation.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from batchserve.runtimes.torch.loading import LoadedModel, load_causal_lm  # the torch runtime's loader, re-exported
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "GenerationEngine",
     "GenerationRequest",
     "LoadedModel",
+    "MAX_TOP_LOGPROBS",
     "SamplingParams",
+    "TokenLogprob",
     "load_causal_lm",
 ]

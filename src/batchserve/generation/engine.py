@@ -30,12 +30,21 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
+from batchserve.generation.constraint import CompiledConstraint, Constraints
 from batchserve.generation.request import GenerationRequest, error_for
-from batchserve.generation.sampling import SamplingParams, row_generator, sample
+from batchserve.generation.sampling import (
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    adjust_logits,
+    row_generator,
+    sample,
+    token_logprobs,
+)
 from batchserve.generation.text import ChoiceText
 from batchserve.procinfo import release_free_heap
 from batchserve.runtimes.base import CausalLM
@@ -66,6 +75,7 @@ class Row:
     generator: torch.Generator
     text: ChoiceText  # its tokens, their text, and whether and why it finished
     length: int  # tokens of this sequence so far (prompt + generated)
+    matcher: Any = None  # a constrained row's own matcher (llguidance), told each token drawn
 
     @property
     def last_token(self) -> int:
@@ -85,6 +95,8 @@ class GenerationEngine:
         self.name = name or lm.model_name
         self.max_positions = lm.max_positions
         self.stop_tokens = lm.stop_tokens
+        #: compiles requests' constraints for this model's vocabulary (see :meth:`submit`)
+        self.constraints = Constraints(lm.tokenizer, lm.stop_tokens)
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._calls: collections.deque[tuple] = collections.deque()  # (function, future) to run between steps
@@ -148,11 +160,20 @@ class GenerationEngine:
         return self.lm.encode(text)
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: float = 30.0, streamed: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        timeout: float = 30.0,
+        streamed: bool = True,
+        constraint: CompiledConstraint | None = None,
     ) -> GenerationRequest:
         """Queue a request (call from the event loop); iterate its events or await ``result()``
-        (``streamed=False``: a caller that only awaits the result gets one event per choice)."""
+        (``streamed=False``: a caller that only awaits the result gets one event per choice).
+        ``constraint`` (from ``self.constraints.compile``): each choice's tokens are kept to it."""
         self._check(prompt_ids, params, n)
+        if constraint is not None and params.ignore_eos:
+            raise InputError("ignore_eos cannot be used with a constraint (a complete value ends with end-of-sequence)")
         request = GenerationRequest(
             prompt_ids=list(prompt_ids),
             params=params,
@@ -160,6 +181,7 @@ class GenerationEngine:
             deadline=time.monotonic() + timeout,
             loop=asyncio.get_running_loop(),
             streamed=streamed,
+            constraint=constraint,
         )
         with self._wakeup:
             waiting_rows = sum(r.n for r in self._waiting)
@@ -221,6 +243,13 @@ class GenerationEngine:
     def _check(self, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
         if not prompt_ids:
             raise InputError("the prompt must not be empty")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"logprobs takes 0 to {MAX_TOP_LOGPROBS} top log-probabilities")
+        if params.logit_bias:
+            vocabulary = len(self.tokenizer)
+            wrong = [token for token, _ in params.logit_bias if not 0 <= token < vocabulary]
+            if wrong:
+                raise InputError(f"logit_bias: {wrong[0]} is not a token id of this model (0 to {vocabulary - 1})", param="logit_bias")
         if n > self.limits.max_rows:
             raise InputError(f"n must be at most {self.limits.max_rows} on this server")
         if len(prompt_ids) + params.max_tokens > self.max_positions:
@@ -338,6 +367,7 @@ class GenerationEngine:
                     generator=row_generator(request.params.seed, choice),
                     text=ChoiceText(choice, self.tokenizer, request.params, self.stop_tokens, request.streamed),
                     length=len(request.prompt_ids),
+                    matcher=request.constraint.matcher() if request.constraint is not None else None,
                 )
                 for request, ids in zip(requests, seqs)
                 for choice in range(request.n)
@@ -376,11 +406,29 @@ class GenerationEngine:
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token per row, then stream what it adds to each choice's text."""
+        logits = logits.float().cpu()  # once for sampling and log-probabilities
+        constrained = [index for index, row in enumerate(rows) if row.matcher is not None]
+        adjusted = [index for index, row in enumerate(rows) if row.request.params.adjusts]
+        if constrained or adjusted:  # a copy: the runtime's buffer stays as it gave it
+            logits = logits.clone()
+        for index in adjusted:  # penalties and biases, then the constraint's mask
+            adjust_logits(logits[index], rows[index].request.params, rows[index].text.tokens)
+        if constrained:
+            self.constraints.mask(logits.numpy(), constrained, [rows[index].matcher for index in constrained])
         tokens = sample(logits, [row.request.params for row in rows], [row.generator for row in rows])
         self.tokens_generated += len(tokens)
-        for row, token in zip(rows, tokens):
+        asking = [index for index, row in enumerate(rows) if row.request.params.logprobs is not None]
+        found = token_logprobs(
+            logits, asking, [tokens[index] for index in asking], [rows[index].request.params.logprobs for index in asking]
+        )
+        logprobs: list = [None] * len(rows)
+        for index, entry in zip(asking, found):
+            logprobs[index] = entry
+        for index in constrained:
+            rows[index].matcher.consume_token(tokens[index])
+        for row, token, logprob in zip(rows, tokens, logprobs):
             row.length += 1
-            delta = row.text.add(token)
+            delta = row.text.add(token, logprob)
             if delta is not None:
                 row.request.emit(delta)
 

@@ -11,9 +11,10 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchserve.errors import BatchserveError, DeadlineExceededError
-from batchserve.generation.sampling import SamplingParams
+from batchserve.generation.sampling import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -27,6 +28,8 @@ class ChoiceDelta:
     finish_reason: str | None = None
     tokens: int = 0  # tokens generated for this choice so far
     token_ids: list[int] = field(default_factory=list)  # tokens generated since the previous delta
+    #: with ``params.logprobs``: those tokens' log-probabilities (a stop token that ends the choice has none)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Choice:
     finish_reason: str
     tokens: int
     token_ids: list[int]  # every generated token, including any that completed a stop string
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with ``params.logprobs``: as token_ids, less a stop token
 
 
 @dataclass
@@ -63,6 +67,7 @@ class GenerationRequest:
     admitted_step: int | None = None  # the engine step at which the request joined the batch
     submitted: float = field(default_factory=time.monotonic)  # for the engine's time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    constraint: Any = None  # a CompiledConstraint: each choice's tokens kept to it
 
     @property
     def kv_tokens(self) -> int:
@@ -104,14 +109,19 @@ class GenerationRequest:
     async def result(self) -> Completion:
         texts = [[] for _ in range(self.n)]
         token_ids = [[] for _ in range(self.n)]
+        logprobs = [[] for _ in range(self.n)]
         finished: dict[int, ChoiceDelta] = {}
         async for event in self.stream():
             texts[event.index].append(event.text)
             token_ids[event.index].extend(event.token_ids)
+            logprobs[event.index].extend(event.logprobs)
             if event.finish_reason is not None:
                 finished[event.index] = event
         choices = [
-            Choice(index, "".join(texts[index]), finished[index].finish_reason, finished[index].tokens, token_ids[index])
+            Choice(
+                index, "".join(texts[index]), finished[index].finish_reason, finished[index].tokens, token_ids[index],
+                logprobs[index],
+            )
             for index in range(self.n)
         ]
         return Completion(choices, len(self.prompt_ids))

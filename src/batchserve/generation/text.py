@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
 from batchserve.generation.request import ChoiceDelta
-from batchserve.generation.sampling import SamplingParams
+from batchserve.generation.sampling import SamplingParams, TokenLogprob
 
 
 class ChoiceText:
@@ -27,13 +27,17 @@ class ChoiceText:
         self.stops = StopMatcher(params.stop)
         self.tokens: list[int] = []  # generated so far
         self.reported = 0  # tokens already sent in a delta
+        self.logprobs: list[TokenLogprob] = []  # of the tokens generated (with params.logprobs), a stop token's left out
+        self.reported_logprobs = 0
         self.held: list[str] = []  # text not sent yet (a request not streamed)
         self.finish_reason: str | None = None
 
-    def add(self, token: int) -> ChoiceDelta | None:
-        """Take the next generated token; the delta to send now, if any."""
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> ChoiceDelta | None:
+        """Take the next generated token (and its log-probability, when asked for); the delta to send now, if any."""
         self.tokens.append(token)
         text, reason = self._text_of(token)
+        if logprob is not None and not (reason == "stop" and token in self.stop_tokens and not self.params.ignore_eos):
+            self.logprobs.append(logprob)
         self.finish_reason = reason
         if reason is None and not self.streamed:
             self.held.append(text)  # sent with the last token
@@ -43,7 +47,8 @@ class ChoiceText:
         if self.held:
             text, self.held = "".join(self.held) + text, []
         new_tokens, self.reported = self.tokens[self.reported :], len(self.tokens)
-        return ChoiceDelta(self.choice, text, reason, len(self.tokens), new_tokens)
+        new_logprobs, self.reported_logprobs = self.logprobs[self.reported_logprobs :], len(self.logprobs)
+        return ChoiceDelta(self.choice, text, reason, len(self.tokens), new_tokens, new_logprobs)
 
     def _text_of(self, token: int) -> tuple[str, str | None]:
         """The text ``token`` releases, and the finish reason if it ends the choice."""

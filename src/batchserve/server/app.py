@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
-from batchserve.server import auth, dashboard, model_list, pages
+from batchserve.server import auth, dashboard, model_list, pages, tokenize
 from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.limits import BodyLimitMiddleware
@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     for service in services:
         app.include_router(service.router, responses=ERROR_RESPONSES)
     app.include_router(model_list.build_router(services))
+    if any(service.tokenizes for service in services):
+        app.include_router(tokenize.build_router(services), responses=ERROR_RESPONSES)
     _add_health_routes(app, services)
     pages.add_pages(app, services, docs=settings.server.docs, metrics=settings.server.metrics)
     refused = None
