@@ -293,3 +293,32 @@ def test_input_is_streamed_memory_stays_flat(tmp_path):
     small_rss, large_rss = _peak_rss_kib(small), _peak_rss_kib(large)
     assert len(ids(tmp_path / "large.out.jsonl")) == 20_000
     assert large_rss < small_rss * 1.1, (small_rss, large_rss)
+
+
+def test_generation_lines_get_what_the_server_answers(tmp_path, generation_server):
+    """Chat and completions lines, greedy: the same text as the online server's routes give."""
+    import httpx
+
+    bodies = {
+        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6, "temperature": 0}),
+        "completion": ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}),
+        "streamed": ("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True}),
+        "bad": ("/v1/chat/completions", {"messages": "hi"}),
+    }
+    source = write_lines(tmp_path / "in.jsonl", [line(name, url, body) for name, (url, body) in bodies.items()])
+    output = tmp_path / "out.jsonl"
+
+    result = run_batch("-i", str(source), "-o", str(output), "--app", "generation", "--generation-threads", "1", timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    answered = {entry["custom_id"]: entry["response"]["body"] for entry in read(output)}
+    assert sorted(answered) == ["chat", "completion"]
+    online = {name: httpx.post(generation_server.url + bodies[name][0], json=bodies[name][1], timeout=120).json()
+              for name in answered}
+    assert answered["chat"]["choices"][0]["message"]["content"] == online["chat"]["choices"][0]["message"]["content"]
+    assert answered["completion"]["choices"][0]["text"] == online["completion"]["choices"][0]["text"]
+    assert answered["chat"]["usage"] == online["chat"]["usage"]
+    errors = {entry["custom_id"]: entry for entry in read(tmp_path / "out.errors.jsonl")}
+    assert errors["streamed"]["error"]["code"] == "invalid_body" and "stream" in errors["streamed"]["error"]["message"]
+    assert errors["bad"]["response"]["status_code"] == 422
+    assert errors["bad"]["response"]["body"]["error"]["param"] == "messages"
