@@ -19,6 +19,7 @@ import pytest
 from batchserve.batchjob.lines import Done, read_done, scan_input
 from batchserve.batchjob.progress import Counts, Progress
 from tests.conftest import ROOT
+from tests.redis_fixtures import redis_server, start_worker, wait_for_workers  # noqa: F401  (fixtures)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
 
@@ -322,3 +323,27 @@ def test_generation_lines_get_what_the_server_answers(tmp_path, generation_serve
     assert errors["streamed"]["error"]["code"] == "invalid_body" and "stream" in errors["streamed"]["error"]["message"]
     assert errors["bad"]["response"]["status_code"] == 422
     assert errors["bad"]["response"]["body"]["error"]["param"] == "messages"
+
+
+def test_redis_backend_sends_the_batches_to_the_worker_fleet(tmp_path, redis_server, start_worker):
+    """With serve's --backend redis the job is one more front: its batches go to the workers
+    on the same stream as online traffic."""
+    url = redis_server.url()
+    start_worker("--redis-url", url, "--model", "tests.fakes:batch_sizes")
+    client = redis_server.client()
+    wait_for_workers(client, "batch_sizes", 1)
+    source = write_lines(tmp_path / "in.jsonl", [line(f"r{i}", "/models/batch_sizes/predict", {"inputs": [i]}) for i in range(200)])
+    output = tmp_path / "out.jsonl"
+
+    result = run_batch("-i", str(source), "-o", str(output), "--model", "tests.fakes:batch_sizes",
+                       "--backend", "redis", "--redis-url", url)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(ids(output)) == sorted(f"r{i}" for i in range(200))
+    consumers = [key for key in client.keys("batchserve::batch_sizes:workers:*")]
+    assert len(consumers) == 1
+    deadline = time.monotonic() + 30  # the worker writes its counters with its lease, every few seconds
+    while int(client.hget(consumers[0], "batches") or 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert int(client.hget(consumers[0], "batches")) >= 200 // 64  # the worker ran them
+    assert max(entry["response"]["body"]["outputs"][0] for entry in read(output)) > 1  # in batches
