@@ -18,6 +18,8 @@ import pytest
 
 from batchserve.batchjob.lines import Done, read_done, scan_input
 from batchserve.batchjob.progress import Counts, Progress
+from batchserve.batchjob.runner import job_settings
+from batchserve.settings import BackendKind, Settings
 from tests.conftest import ROOT
 from tests.redis_fixtures import redis_server, start_worker, wait_for_workers  # noqa: F401  (fixtures)
 
@@ -68,7 +70,7 @@ def test_embeddings_lines_answered_in_openai_format_bad_lines_reported(tmp_path)
     source = write_lines(tmp_path / "in.jsonl", entries)
     output = tmp_path / "out.jsonl"
 
-    result = run_batch("-i", str(source), "-o", str(output))  # serve's default layout for the embeddings
+    result = run_batch("-i", str(source), "-o", str(output), "--backend", "process")  # serve's layout: a worker per core
 
     assert result.returncode == 0, result.stderr
     answered = {entry["custom_id"]: entry for entry in read(output)}
@@ -204,6 +206,17 @@ def test_interrupted_job_rerun_writes_every_line_once(tmp_path, sent):
     again = run_batch(*args)
     assert again.returncode == 0 and "nothing to run" in again.stderr
     assert ids(output) == answered
+
+
+def test_a_job_runs_its_models_here_unless_told_where():
+    """No --backend: the models on a thread of the job (its front has little to do); one given,
+    from a flag or the config file, is kept; the server's network settings never apply."""
+    assert job_settings(Settings()).backend is BackendKind.thread
+    assert job_settings(Settings(backend=BackendKind.process)).backend is BackendKind.process
+    given = Settings.from_mapping({"backend": "redis", "redis_url": "redis://h:1", "http_workers": 4, "api_keys": ["k1"]})
+    settings = job_settings(given)
+    assert settings.backend is BackendKind.redis and settings.redis.redis_url == "redis://h:1"
+    assert settings.server.http_workers == 1 and settings.server.api_keys == [] and not settings.server.metrics
 
 
 def test_cut_last_line_is_removed_and_its_request_rerun(tmp_path):
