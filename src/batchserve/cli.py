@@ -430,6 +430,9 @@ def run_batch(
     except JobError as error:
         typer.echo(f"batchserve run-batch: {error}", err=True)
         raise typer.Exit(error.status) from None
+    except KeyboardInterrupt:  # Ctrl-C while the models load: no line ran
+        typer.echo("batchserve run-batch: interrupted while loading the models; no line was run", err=True)
+        raise typer.Exit(130) from None
     if status:
         raise typer.Exit(status)
 

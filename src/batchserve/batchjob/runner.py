@@ -291,12 +291,12 @@ async def _run(settings: Settings, options: JobOptions, done: Done, counts: Coun
     loop = asyncio.get_running_loop()
     signals = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "stopped (SIGTERM)"}
     try:
+        for number, reason in signals.items():  # before the models load: a Ctrl-C then runs no line
+            loop.add_signal_handler(number, job.stop, reason)
         started = await asyncio.gather(*(service.start() for service in services), return_exceptions=True)
         failed = [f"{s.name}: {type(e).__name__}: {e}" for s, e in zip(services, started) if isinstance(e, BaseException)]
         if failed:
             raise JobError(f"cannot run: {'; '.join(failed)}", CANNOT_RUN)
-        for number, reason in signals.items():
-            loop.add_signal_handler(number, job.stop, reason)
         _restart_clock(counts)
         progress.start()
         try:
