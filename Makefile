@@ -123,6 +123,12 @@ bench-redis: venv system-deps
 bench-backlog: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
 
+# batch jobs (issue 22): run-batch vs the online server at c=64 vs the runtime's length-sorted
+# ceiling, embeddings, rounds taking turns; BENCH_BATCH_ARGS='--lines 100000' for the issue's size
+.PHONY: bench-batch
+bench-batch: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_batch.py $(BENCH_BATCH_ARGS)
+
 # the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
 .PHONY: bench-overhead
 bench-overhead: venv

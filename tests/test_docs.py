@@ -23,7 +23,7 @@ SETTINGS_PAGE = DOCS / "settings.md"
 
 def test_the_settings_page_tables_are_the_generated_ones():
     text = SETTINGS_PAGE.read_text()
-    assert [match.group("command") for match in clidoc.MARKER.finditer(text)] == ["serve", "worker", "bench"]
+    assert [match.group("command") for match in clidoc.MARKER.finditer(text)] == ["serve", "worker", "run-batch", "bench"]
     assert clidoc.stale_tables(text) == [], "run: python -m batchserve.clidoc docs/settings.md"
 
 

@@ -361,6 +361,83 @@ def worker_settings(settings: Settings, devices_given: bool = False) -> Settings
     return settings.model_copy(update={"backend": backend, "batching": batching, "model_settings": own})
 
 
+@app.command("run-batch")
+def run_batch(
+    ctx: typer.Context,
+    input_file: str = typer.Option(..., "--input", "-i", help="the job: a JSONL file in OpenAI's batch format, one request a line"),
+    output_file: str = typer.Option(
+        ..., "--output", "-o", help="answered lines (2xx) are appended here; a rerun skips the custom_ids already in it"
+    ),
+    errors_file: Optional[str] = typer.Option(
+        None, "--errors", help="lines the route refused or that could not run", show_default="OUT.errors.jsonl"
+    ),
+    window: int = typer.Option(1024, "--window", min=1, help="lines read ahead and sorted by length together"),
+    in_flight: int = typer.Option(256, "--in-flight", min=1, help="requests in the batchers at once"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary (errors still on stderr)"),
+    log_every: float = typer.Option(
+        10.0, "--log-every", min=0.1, help="seconds between progress lines when stderr is not a terminal"
+    ),
+    config: Optional[str] = config_option(),
+    apps: List[AppName] = option("apps", "--app", help="built-in app (embeddings when no --model); repeatable", show_default="embeddings"),
+    models: List[str] = option("models", "--model", show_default=False),
+    max_batch_size: int = option("max_batch_size"),
+    max_latency: float = option("max_latency"),
+    max_queue_size: int = option("max_queue_size"),
+    max_batch_tokens: Optional[int] = option("max_batch_tokens"),
+    max_timeout: float = option("max_timeout", help="longest a line may take, retries of a full queue included, seconds"),
+    max_body_bytes: int = option("max_body_bytes"),
+    backend: Optional[BackendKind] = option("backend"),
+    workers: int = option("workers"),
+    devices: List[str] = option("devices", "--devices"),
+    threads_per_worker: Optional[int] = option("threads_per_worker"),
+    max_batches_per_worker: Optional[int] = option("max_batches_per_worker"),
+    redis_url: Optional[str] = option("redis_url", "--redis-url"),
+    redis_prefix: str = option("redis_prefix", "--prefix"),
+    redis_ca_file: Optional[str] = option("redis_ca_file"),
+    redis_certfile: Optional[str] = option("redis_certfile"),
+    redis_keyfile: Optional[str] = option("redis_keyfile"),
+    runtime: EncoderRuntimeName = option("runtime"),
+    quantize: Quantization = option("quantize"),
+    generation_model: Optional[str] = option("generation_model"),
+    generation_cache_dir: Optional[str] = option("generation_cache_dir"),
+    generation_max_rows: int = option("generation_max_rows"),
+    generation_threads: Optional[int] = option("generation_threads"),
+    generation_runtime: LanguageModelRuntimeName = option("generation_runtime"),
+    generation_prefix_cache_tokens: int = option("generation_prefix_cache_tokens"),
+    log_level: LogLevel = option("log_level"),
+) -> None:
+    """Run a file of requests (OpenAI's batch format) through the models, with the settings and
+    config file of `serve`, in this process: resumable, with progress.  Exit 0 when every line
+    was answered or reported."""
+    options = dict(locals())
+    from pathlib import Path
+
+    from batchserve.batchjob.runner import JobError, JobOptions, errors_path, run_job
+    from batchserve.logs import configure_logging
+
+    job = {name: options.pop(name) for name in ("input_file", "output_file", "errors_file", "window", "in_flight", "quiet", "log_every")}
+    settings = settings_from(options.pop("ctx"), options.pop("config"), **options)
+    check_devices(settings)
+    output = Path(job["output_file"])
+    job_options = JobOptions(
+        input=Path(job["input_file"]), output=output,
+        errors=Path(job["errors_file"]) if job["errors_file"] else errors_path(output),
+        window=job["window"], in_flight=job["in_flight"], quiet=job["quiet"], log_every=job["log_every"],
+    )
+    configure_logging(settings.server.log_level.value)
+    try:
+        with exit_on_user_error():
+            status = run_job(settings, job_options)
+    except JobError as error:
+        typer.echo(f"batchserve run-batch: {error}", err=True)
+        raise typer.Exit(error.status) from None
+    except KeyboardInterrupt:  # Ctrl-C while the models load: no line ran
+        typer.echo("batchserve run-batch: interrupted while loading the models; no line was run", err=True)
+        raise typer.Exit(130) from None
+    if status:
+        raise typer.Exit(status)
+
+
 def _with_serve_options(command: Any) -> Any:
     """``command`` taking every option of ``serve`` too (typer reads the signature)."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]

@@ -30,7 +30,7 @@ def command(name: str) -> Any:
     """The function behind ``batchserve NAME``: its parameters' defaults are typer's option infos."""
     from batchserve import cli
 
-    function = getattr(cli, name, None)
+    function = getattr(cli, name.replace("-", "_"), None)  # run-batch: cli.run_batch
     if name.startswith("_") or not callable(function) or not _parameters(function):
         raise ValueError(f"batchserve has no command {name!r}")
     return function

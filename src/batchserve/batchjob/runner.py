@@ -1,0 +1,323 @@
+"""A batch job: every line of a file through the apps' own routes, in this process.
+
+The job builds the server's app as ``serve`` would (:func:`batchserve.server.app.create_app`,
+the same settings and config file; no metrics, docs, API keys, TLS or CORS: there is no network)
+and calls it once per line as an ASGI application (:class:`LocalApp`: no socket, no HTTP
+parsing), so each line gets exactly what the route answers a client: its validation, its
+status, its error message.
+
+The input is read twice, line by line: a first pass counts the lines still to run and refuses
+custom_ids given twice before anything runs (:func:`batchserve.batchjob.lines.scan_input`);
+the second reads a window of lines at a time, sorts it by length (similar lengths batch with
+less padding) and keeps at most ``in_flight`` requests in the batchers.  Each answer is appended
+to its file and flushed as it finishes; lines an earlier run wrote are skipped
+(:func:`~batchserve.batchjob.lines.read_done`).  A 503 or 429 (a full queue, no Redis worker
+yet) is tried again, with growing pauses, until the request's deadline; it is the job's own
+pressure, not the line's fault.
+
+SIGINT or SIGTERM stops taking lines; what is in flight finishes and is written, then the job
+exits with 128 + the signal's number.  A second signal stops at once (nothing half-written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from batchserve.batchjob.lines import (
+    Done,
+    LineError,
+    OutputError,
+    Request,
+    answer_line,
+    error_line,
+    input_lines,
+    json_body,
+    open_appending,
+    parse_line,
+    read_done,
+    scan_input,
+)
+from batchserve.batchjob.progress import Counts, Progress
+from batchserve.settings import BackendKind, Settings
+
+#: exit status of a job that could not start its models (serve's own: batchserve.server.app.CANNOT_SERVE)
+CANNOT_RUN = 3
+#: a refused job (files, duplicates): nothing ran
+REFUSED = 2
+
+
+class JobError(Exception):
+    """The job cannot run (``status`` is its exit status); the message says why."""
+
+    def __init__(self, message: str, status: int = REFUSED):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class JobOptions:
+    input: Path
+    output: Path
+    errors: Path
+    window: int = 1024
+    in_flight: int = 256
+    quiet: bool = False
+    log_every: float = 10.0
+
+
+def errors_path(output: Path) -> Path:
+    """Where error lines go by default: ``OUT.jsonl`` → ``OUT.errors.jsonl``."""
+    name = output.name.removesuffix(".jsonl")
+    return output.with_name(f"{name}.errors.jsonl")
+
+
+def job_settings(settings: Settings) -> Settings:
+    """``settings`` for a job in this process: one process, nothing served to a network, and
+    with no ``--backend`` given, every model on a thread of this process (``serve``'s automatic
+    layout gives the embeddings one worker process per core on a CPU: for a job, whose front
+    has little to do, a thread with every core ran 10-15 % more lines, docs/batch.md)."""
+    server = settings.server.model_copy(update={
+        "http_workers": 1, "metrics": False, "docs": False, "api_keys": [], "api_key_file": None,
+        "ssl_certfile": None, "ssl_keyfile": None, "ssl_ca_certs": None, "cors_origins": [],
+    })
+    backend = settings.backend if settings.backend is not None else BackendKind.thread
+    return settings.model_copy(update={"server": server, "backend": backend})
+
+
+# --------------------------------------------------------------------------- the app, in process
+
+
+class LocalApp:
+    """An ASGI application called in this process: one POST, its status, content type and body."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, str, bytes]:
+        finished = asyncio.Event()
+        given = False
+        status, content_type, chunks = 0, "", []
+
+        async def receive() -> dict:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await finished.wait()  # the client stays until the answer is complete
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status, content_type
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-type":
+                        content_type = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    finished.set()
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            "client": ("run-batch", 0), "server": ("run-batch", 0),
+        }
+        try:
+            await self.app(scope, receive, send)
+        except Exception as error:  # the app answered 500 first (Starlette's ServerErrorMiddleware) or nothing
+            if not status:
+                return 500, "application/json", _error_body(f"{type(error).__name__}: {error}")
+        finally:
+            finished.set()
+        return status, content_type, b"".join(chunks)
+
+
+def _error_body(message: str) -> bytes:
+    import orjson
+
+    return orjson.dumps({"error": {"message": message, "type": "server_error"}})
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class Job:
+    """Runs requests through a :class:`LocalApp`, writing each answer as it finishes."""
+
+    #: pauses between tries of a request refused for the job's own pressure (503, 429), seconds
+    FIRST_PAUSE, LONGEST_PAUSE = 0.05, 2.0
+
+    def __init__(self, app: LocalApp, options: JobOptions, counts: Counts, progress: Progress, deadline: float):
+        self.app = app
+        self.options = options
+        self.counts = counts
+        self.progress = progress
+        self.deadline = deadline
+        self.headers = [(b"content-type", b"application/json"), (b"x-request-timeout", f"{deadline:g}".encode())]
+        self.stopping: str | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.out: BinaryIO | None = None
+        self.err: BinaryIO | None = None
+
+    def stop(self, reason: str) -> None:
+        """The first call stops taking lines; a second cancels what is in flight."""
+        if self.stopping is None:
+            self.stopping = reason
+            if not self.options.quiet:
+                self.progress.echo(f"run-batch: {reason}: finishing the {len(self.tasks)} requests in flight (again to stop now)")
+            return
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def run(self, lines: Iterable[tuple[int, bytes]], done: Done) -> None:
+        options = self.options
+        with open_appending(options.output) as self.out, open_appending(options.errors) as self.err:
+            slots = asyncio.Semaphore(options.in_flight)
+            ticker = asyncio.create_task(self._tick())
+            try:
+                for window in self._windows(lines, done):
+                    for request in window:
+                        await slots.acquire()
+                        if self.stopping:
+                            break
+                        task = asyncio.create_task(self._run_one(request))
+                        self.tasks.add(task)
+                        task.add_done_callback(lambda task: (self.tasks.discard(task), slots.release()))
+                    if self.stopping:
+                        break
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            finally:
+                ticker.cancel()
+
+    def _windows(self, lines: Iterable[tuple[int, bytes]], done: Done) -> Iterator[list[Request]]:
+        """Windows of requests still to run, each sorted by length; lines that cannot run are
+        written to the error file on the way."""
+        window: list[Request] = []
+        for number, raw in lines:
+            if self.stopping:
+                return
+            try:
+                request = parse_line(raw, number)
+            except LineError as error:
+                if not done.has(error.custom_id, number):
+                    self._write(self.err, error_line(error), ok=False)
+                continue
+            if request.custom_id in done.ids:
+                continue
+            window.append(request)
+            if len(window) >= self.options.window:
+                yield sorted(window, key=lambda request: request.size)
+                window = []
+        if window:
+            yield sorted(window, key=lambda request: request.size)
+
+    async def _run_one(self, request: Request) -> None:
+        pause, waited = self.FIRST_PAUSE, 0.0
+        while True:
+            status, content_type, body = await self.app.post(request.url, request.body, self.headers)
+            if status not in (429, 503) or waited >= self.deadline:
+                break
+            if self.stopping:
+                return  # not answered: the next run does it
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(2 * pause, self.LONGEST_PAUSE)
+        ok = 200 <= status < 300
+        self._write(self.out if ok else self.err, answer_line(request.custom_id, status, json_body(body, content_type)), ok)
+
+    def _write(self, file: BinaryIO | None, line: bytes, ok: bool) -> None:
+        assert file is not None
+        file.write(line)
+        file.flush()
+        if ok:
+            self.counts.answered += 1
+        else:
+            self.counts.errors += 1
+        self.progress.advance()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.progress.every))
+            self.progress.tick()
+
+
+# --------------------------------------------------------------------------- the whole command
+
+
+def prepare(options: JobOptions) -> tuple[Done, Counts]:
+    """What earlier runs did and what is left to run; :class:`JobError` when the job is refused."""
+    if not options.input.is_file():
+        raise JobError(f"no input file {options.input}")
+    paths = {options.input.resolve(), options.output.resolve(), options.errors.resolve()}
+    if len(paths) < 3:
+        raise JobError("the input, output and error files must be three different files")
+    done = Done()
+    try:
+        read_done(options.output, done)
+        read_done(options.errors, done)
+    except OutputError as error:
+        raise JobError(str(error)) from None
+    scan = scan_input(options.input, done)
+    if scan.duplicates:
+        raise JobError(f"{options.input}: {scan.duplicates_message()}; nothing was run")
+    return done, Counts(total=scan.to_run, before=scan.lines - scan.to_run)
+
+
+def run_job(settings: Settings, options: JobOptions) -> int:
+    """Run the job; its exit status (0: every line answered or reported)."""
+    done, counts = prepare(options)
+    progress = Progress(counts, quiet=options.quiet, every=options.log_every)
+    if counts.total == 0:
+        if not options.quiet:
+            progress.echo(f"run-batch: nothing to run: the {counts.before} lines of {options.input} are in the output already")
+        return 0
+    return asyncio.run(_run(job_settings(settings), options, done, counts, progress))
+
+
+async def _run(settings: Settings, options: JobOptions, done: Done, counts: Counts, progress: Progress) -> int:
+    from batchserve.server.app import create_app
+
+    application = create_app(settings)
+    services = application.state.services
+    job = Job(LocalApp(application), options, counts, progress, deadline=settings.batching.max_timeout)
+    loop = asyncio.get_running_loop()
+    signals = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "stopped (SIGTERM)"}
+    try:
+        for number, reason in signals.items():  # before the models load: a Ctrl-C then runs no line
+            loop.add_signal_handler(number, job.stop, reason)
+        started = await asyncio.gather(*(service.start() for service in services), return_exceptions=True)
+        failed = [f"{s.name}: {type(e).__name__}: {e}" for s, e in zip(services, started) if isinstance(e, BaseException)]
+        if failed:
+            raise JobError(f"cannot run: {'; '.join(failed)}", CANNOT_RUN)
+        _restart_clock(counts)
+        progress.start()
+        try:
+            await job.run(input_lines(options.input), done)
+        finally:
+            progress.stop()
+    finally:
+        for number in signals:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(number)
+        await asyncio.gather(*(s.close(settings.server.grace) for s in services), return_exceptions=True)
+    if not options.quiet:
+        progress.echo(progress.summary(str(options.output), str(options.errors), job.stopping))
+    if job.stopping:
+        number = next(n for n, reason in signals.items() if reason == job.stopping)
+        return 128 + int(number)
+    return 0
+
+
+def _restart_clock(counts: Counts) -> None:
+    """The rate counts from the first line run, not from the models' load."""
+    import time
+
+    counts.started = time.monotonic()
