@@ -288,6 +288,23 @@ def test_tokenize_and_detokenize_refuse_bad_bodies(client):
     assert "'gpt-4' is not served here" in refused("/tokenize", {"content": "a", "model": "gpt-4"}, 404)
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", '{"prompt": "Hello \\ud800", "max_tokens": 2}'),
+        ("/v1/completions", '{"prompt": ["fine", "\\udfff"], "max_tokens": 2}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi \\ud800"}], "max_tokens": 2}'),
+        ("/autocomplete", '{"context": "\\ud800 went", "n": 1, "max_tokens": 2}'),
+        ("/infill", '{"text": "a \\ud800 [MASK] day"}'),
+    ],
+)
+def test_a_lone_surrogate_is_a_422_not_a_server_error(client, path, body):
+    """JSON can carry "\\ud800" (Python's json decodes it); no tokenizer can read it."""
+    reply = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert "valid string" in reply.json()["error"]["message"], reply.text
+
+
 def test_every_generation_route_refuses_unknown_fields(client):
     def refused(path: str, body: dict, field: str) -> None:
         reply = client.post(path, json=body)

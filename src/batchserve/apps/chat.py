@@ -97,6 +97,7 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def check_parts(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else []
         if isinstance(value, list):
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -104,6 +105,16 @@ class Message(BaseModel):
                     raise PydanticCustomError(
                         "unsupported_value", "only text content parts are supported, not '{kind}'", {"kind": kind}
                     )
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+        for text in texts:  # JSON can carry "\ud800"; no tokenizer can read it (the template's raised TypeError: a 500)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise PydanticCustomError(
+                    "string_unicode", "Input should be a valid string, a lone surrogate at character {at} is not Unicode",
+                    {"at": error.start},
+                ) from None
         return value
 
     @property
