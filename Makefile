@@ -112,6 +112,12 @@ bench-redis: venv system-deps
 bench-backlog: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
 
+# the GPU path (issue 19): one line per check on a CUDA host, in a few minutes; without CUDA it says
+# so and exits 0 (`--device cpu` runs the checks with the CPU standing in)
+.PHONY: gpu-check
+gpu-check: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py
+
 # the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
 .PHONY: bench-overhead
 bench-overhead: venv
