@@ -112,6 +112,11 @@ bench-redis: venv system-deps
 bench-backlog: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
 
+# what a request costs Redis (commands, bytes, redis-server CPU) at c=1 and c=64, and redis-benchmark's ceiling
+.PHONY: bench-redis-commands
+bench-redis-commands: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/redis_commands.py
+
 # the GPU path (issue 19): one line per check on a CUDA host, in a few minutes; without CUDA it says
 # so and exits 0 (`--device cpu` runs the checks with the CPU standing in)
 .PHONY: gpu-check
