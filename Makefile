@@ -50,10 +50,12 @@ soak: venv system-deps
 	$(MAKE) image-test
 
 # deploy/k8s: every overlay rendered (kubectl kustomize) and validated offline (kubernetes-validate),
-# the manifests' commands parsed by batchserve's CLI (also part of make test)
+# the manifests' commands parsed by batchserve's CLI (also part of make test); then the rendered cpu
+# overlay played with podman kube play (the image first: seconds when nothing changed; slow, not in make test)
 .PHONY: k8s-test
-k8s-test: venv system-deps
+k8s-test: venv system-deps image
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/deploy/test_k8s.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/deploy/test_k8s_play.py
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
