@@ -55,10 +55,12 @@ soak: venv system-deps
 	$(MAKE) image-test
 
 # deploy/k8s: every overlay rendered (kubectl kustomize) and validated offline (kubernetes-validate),
-# the manifests' commands parsed by batchserve's CLI (also part of make test)
+# the manifests' commands parsed by batchserve's CLI (also part of make test); then the rendered cpu
+# overlay played with podman kube play (the image first: seconds when nothing changed; slow, not in make test)
 .PHONY: k8s-test
-k8s-test: venv system-deps
+k8s-test: venv system-deps image
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/deploy/test_k8s.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/deploy/test_k8s_play.py
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_core.py
@@ -128,6 +130,17 @@ bench-backlog: venv system-deps
 .PHONY: bench-batch
 bench-batch: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_batch.py $(BENCH_BATCH_ARGS)
+
+# what a request costs Redis (commands, bytes, redis-server CPU) at c=1 and c=64, and redis-benchmark's ceiling
+.PHONY: bench-redis-commands
+bench-redis-commands: venv system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/redis_commands.py
+
+# the GPU path (issue 19): one line per check on a CUDA host, in a few minutes; without CUDA it says
+# so and exits 0 (`--device cpu` runs the checks with the CPU standing in)
+.PHONY: gpu-check
+gpu-check: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py
 
 # the server's own CPU per request with a zero-cost model, wrk -c64 (issue 11); needs wrk
 .PHONY: bench-overhead
