@@ -93,7 +93,7 @@ bench-infill: venv
 # reaches them), a decode step with 8 constrained rows against 8 free ones, 50 parse() calls (issue 21)
 .PHONY: bench-constrained
 bench-constrained: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_constrained.py
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BIN)/python benchmarks/bench_constrained.py
 
 # batchserve's generation app against llama.cpp's own llama-server, same GGUF, in one run (issue 12);
 # never part of `make test`. LLAMA_SERVER: a llama-server binary; without it, one is built once into

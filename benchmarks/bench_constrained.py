@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import enum
 import importlib.metadata
 import json
 import sys
@@ -29,30 +28,11 @@ import time
 
 import numpy as np
 from harness import LoadAverage, Server, machine, markdown_table, now_utc, publish
-from pydantic import BaseModel, Field
 
 from batchserve.runtimes.bundled import BUNDLED_NAME
+from tests.apps.test_openai_client import Person  # the test's model: the schema
 
 STEP_TARGET = 1.3
-
-
-class Colour(str, enum.Enum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-class Address(BaseModel):
-    city: str = Field(min_length=1, max_length=16)
-    zip_code: int = Field(ge=10000, le=99999)
-
-
-class Person(BaseModel):
-    name: str = Field(min_length=1, max_length=16)
-    age: int = Field(ge=0, le=120)
-    likes_tea: bool
-    colour: Colour
-    address: Address
 
 
 def strict_schema() -> dict:
@@ -272,7 +252,7 @@ def main() -> None:
     outcomes = ", ".join(f"{count} {name}" for name, count in sorted(parsed["outcomes"].items()))
     section = "\n\n".join([
         f"## Constrained decoding (llguidance), bundled SmolLM2 — {now_utc()}",
-        f"{machine()}; {load_average.line()}. `python benchmarks/bench_constrained.py` (`make bench-constrained`).",
+        f"{machine()}; {load_average.line()}. `PYTHONPATH=. python benchmarks/bench_constrained.py` (`make bench-constrained`).",
         "Mask time per token: the JSON schema of a nested pydantic model (enum, bounded strings and integers, boolean), "
         "49,152-token vocabulary, a mask at each token of a valid value and after it; a library not installed is "
         "measured when `PYTHONPATH` reaches it.",
