@@ -21,8 +21,15 @@ A :class:`Batcher` merges the items of concurrent callers into mini-batches for 
   the caller at the deadline with :class:`~batchserve.errors.DeadlineExceededError`, and
   its queued items are dropped before compute.
 * **Cancellation.** A cancelled caller's queued items are dropped.
-* **Backpressure.** At most ``max_queue_size`` items wait; past that, submit fails at once
-  with :class:`~batchserve.errors.OverloadedError`.
+* **Online before offline.** Work submitted inside :func:`batchserve.priority.offline` (a
+  batch job's) waits in a lane of its own: a batch takes the online items first and fills
+  its free rows with offline ones, oldest first.  With no online work queued, offline work
+  is dispatched by the same rules as any (``max_latency`` included); while online work alone
+  fills every batch, offline work waits (its deadline still holds).
+* **Backpressure.** At most ``max_queue_size`` online items wait; past that, submit fails at
+  once with :class:`~batchserve.errors.OverloadedError`.  Offline items are admitted only
+  while the two lanes together hold fewer than ``max_queue_size``: they never make an online
+  request find the queue full (so both lanes together hold at most twice that).
 * **Error isolation.** If ``predict`` raises (or returns a wrong number of outputs), the
   batch is split in halves and retried until only the requests whose items fail get the
   error; the others get their results.
@@ -58,6 +65,7 @@ from batchserve.errors import (
     OverloadedError,
     WorkerDiedError,
 )
+from batchserve.priority import is_offline, offline
 
 if TYPE_CHECKING:  # the settings only travel through here: the library runs without them
     from batchserve.model import ModelSpec
@@ -177,6 +185,7 @@ class _Request:
     missing: int = field(init=False)  # items still without a result
     timer: asyncio.TimerHandle | None = None
     lengths: list[int] | None = None  # tokens per item, with a token budget
+    offline: bool = False  # in the offline lane (submitted inside priority.offline())
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
@@ -269,8 +278,10 @@ class Batcher:
         self.name = name
         self.policy = DispatchPolicy(max_batch_size, max_latency)
         self.stats = BatcherStats()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._queued_items = 0
+        self._queue: collections.deque[_Request] = collections.deque()  # online requests, oldest first
+        self._offline_queue: collections.deque[_Request] = collections.deque()  # offline ones (priority.offline)
+        self._queued_items = 0  # both lanes
+        self._queued_offline = 0
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: LoopThread | None = None  # the private loop of sync callers
@@ -313,8 +324,13 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch."""
+        """Items waiting for a batch (online and offline)."""
         return self._queued_items
+
+    @property
+    def offline_queue_depth(self) -> int:
+        """Of :attr:`queue_depth`, the offline items (submitted inside :func:`batchserve.priority.offline`)."""
+        return self._queued_offline
 
     @property
     def inflight(self) -> int:
@@ -384,10 +400,11 @@ class Batcher:
         deadline = loop.time() + grace
         while (self._queued_items or self._inflight) and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for request in list(self._queue):
+        for request in [*self._queue, *self._offline_queue]:
             request.fail(NotReadyError("batcher shut down before this request ran"))
+            self._forget(request)  # now (its done callback runs later, and then finds nothing to count)
         self._queue.clear()
-        self._queued_items = 0
+        self._offline_queue.clear()
         tasks = [task for task in (self._dispatcher, *self._batch_tasks) if task is not None]
         for task in tasks:
             task.cancel()
@@ -417,18 +434,20 @@ class Batcher:
     # ---------------------------------------------------------------- calling styles
 
     async def submit(self, items: Iterable[Any], timeout: float | None = None) -> list[Any]:
-        """Await the outputs for ``items`` (in order)."""
+        """Await the outputs for ``items`` (in order).  Inside :func:`batchserve.priority.offline`
+        they are offline work (each call style reads the mark in the caller's context)."""
         items = _item_list(items)
         if self._started is None or not self._started.done():
             await self.start()
         running = asyncio.get_running_loop()
         if running is self._loop:
-            return await self._submit_here(items, timeout)
+            return await self._submit_here(items, timeout, is_offline())
         return await asyncio.wrap_future(self.submit_future(items, timeout))
 
     def submit_future(self, items: Iterable[Any], timeout: float | None = None) -> concurrent.futures.Future[list[Any]]:
         """Queue ``items`` from any thread; the future resolves to their outputs."""
         items = _item_list(items)  # here, in the caller's thread: a generator is read where it was made
+        lane_offline = is_offline()  # the caller's mark, read before the hop to the batcher's loop
         if self._started is None:
             self.start_in_thread()
         elif not self._started.done() and _running_loop() is not self._loop:
@@ -436,7 +455,7 @@ class Batcher:
         assert self._loop is not None
         if _running_loop() is self._loop:
             raise RuntimeError("on the batcher's own loop, use 'await batcher.submit(items)'")
-        submitting = self._submit_here(items, timeout)
+        submitting = self._submit_here(items, timeout, lane_offline)
         try:
             return asyncio.run_coroutine_threadsafe(submitting, self._loop)
         except RuntimeError:  # stop() closed the loop
@@ -455,38 +474,41 @@ class Batcher:
 
     # ---------------------------------------------------------------- queueing
 
-    async def _submit_here(self, items: Iterable[Any], timeout: float | None) -> list[Any]:
+    async def _submit_here(self, items: Iterable[Any], timeout: float | None, lane_offline: bool) -> list[Any]:
         items = list(items)
         if not items:
             return []
         timeout = self.timeout if timeout is None else timeout
-        self._admit(len(items), timeout)
+        self._admit(len(items), timeout, lane_offline)
         lengths = self._measure(items) if self.max_batch_tokens is not None else None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        request = _Request(items, now, loop.create_future(), lengths=lengths)
+        request = _Request(items, now, loop.create_future(), lengths=lengths, offline=lane_offline)
         request.timer = loop.call_at(now + timeout, self._expire, request, timeout)
         request.future.add_done_callback(lambda _: self._forget(request))
-        self._queue.append(request)
+        (self._offline_queue if lane_offline else self._queue).append(request)
         self._queued_items += len(items)
+        if lane_offline:
+            self._queued_offline += len(items)
         self.policy.record_arrival(now)
         assert self._changed is not None
         self._changed.set()
         return await request.future  # cancelling the caller cancels this future
 
-    def _admit(self, count: int, timeout: float) -> None:
-        """Refuse at once what cannot be accepted."""
+    def _admit(self, count: int, timeout: float, lane_offline: bool) -> None:
+        """Refuse at once what cannot be accepted.  Online items count against the online items
+        queued, offline items against both lanes: an offline backlog never fills the queue for
+        online requests, and offline items only take room online ones leave free."""
         if not self._accepting:
             raise NotReadyError(f"model {self.name!r} is not ready")
         if timeout <= 0:
             raise DeadlineExceededError("deadline already passed")
         if count > self.max_queue_size:
             raise InputError(f"request has {count} items; the limit is {self.max_queue_size}")
-        if self._queued_items + count > self.max_queue_size:
+        waiting = self._queued_items if lane_offline else self._queued_items - self._queued_offline
+        if waiting + count > self.max_queue_size:
             self.stats.errors["overloaded"] += 1
-            raise OverloadedError(
-                f"queue full ({self._queued_items} items waiting)", retry_after=self._retry_after()
-            )
+            raise OverloadedError(f"queue full ({waiting} items waiting)", retry_after=self._retry_after(waiting))
 
     def _measure(self, items: list[Any]) -> list[int]:
         """Tokens of each item, from the ``length`` function; a failure is the caller's error."""
@@ -499,13 +521,13 @@ class Batcher:
             raise InputError("the length function returned a negative length")
         return lengths
 
-    def _retry_after(self) -> float:
-        """Seconds until the queue has likely drained."""
+    def _retry_after(self, waiting: int) -> float:
+        """Seconds until ``waiting`` queued items have likely drained."""
         fit = self.policy.costs.fit()
         if fit is None:
             return 1.0
         fixed, per_item = fit
-        batches = math.ceil(self._queued_items / self.max_batch_size)
+        batches = math.ceil(waiting / self.max_batch_size)
         seconds = batches * (fixed + per_item * self.max_batch_size)
         return max(1.0, seconds / max(self.backend.capacity, 1))
 
@@ -518,6 +540,8 @@ class Batcher:
         if request.timer is not None:
             request.timer.cancel()
         self._queued_items -= request.untaken
+        if request.offline:
+            self._queued_offline -= request.untaken
         request.taken = len(request.items)
 
     # ---------------------------------------------------------------- dispatch
@@ -525,13 +549,15 @@ class Batcher:
     async def _dispatch_forever(self) -> None:
         assert self._changed is not None and self._loop is not None
         while True:
-            self._drop_finished_head()
-            if not self._queue or self._inflight >= self.backend.capacity:
+            self._drop_finished_heads()
+            heads = [lane[0] for lane in (self._queue, self._offline_queue) if lane]
+            if not heads or self._inflight >= self.backend.capacity:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
             now = self._loop.time()
-            wait = self.policy.wait_time(self._queued_items, self._queue[0].arrival, now)
+            # both lanes: offline items fill a batch too, and the oldest of either bounds the wait
+            wait = self.policy.wait_time(self._queued_items, min(head.arrival for head in heads), now)
             if wait > 0:
                 self._changed.clear()
                 await wait_event(self._changed, wait)
@@ -542,19 +568,24 @@ class Batcher:
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_tasks.discard)
 
-    def _drop_finished_head(self) -> None:
-        while self._queue and self._queue[0].untaken == 0:
-            self._queue.popleft()
+    def _drop_finished_heads(self) -> None:
+        for lane in (self._queue, self._offline_queue):
+            while lane and lane[0].untaken == 0:
+                lane.popleft()
 
     def _take_batch(self) -> Batch:
+        """Up to ``max_batch_size`` items: the online ones first, then offline ones, each lane oldest first."""
         batch: Batch = []
-        while self._queue and len(batch) < self.max_batch_size:
-            request = self._queue[0]
-            count = min(request.untaken, self.max_batch_size - len(batch))
-            batch.extend((request, index) for index in range(request.taken, request.taken + count))
-            request.taken += count
-            self._queued_items -= count
-            self._drop_finished_head()
+        for lane in (self._queue, self._offline_queue):
+            while lane and len(batch) < self.max_batch_size:
+                request = lane[0]
+                count = min(request.untaken, self.max_batch_size - len(batch))
+                batch.extend((request, index) for index in range(request.taken, request.taken + count))
+                request.taken += count
+                self._queued_items -= count
+                if request.offline:
+                    self._queued_offline -= count
+                self._drop_finished_heads()
         return batch
 
     def _wake_threadsafe(self) -> None:
@@ -610,7 +641,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            outputs = _as_output_list(await self.backend.run(inputs), len(inputs))
+            # a batch of offline items only is offline work for the backend too (redis: its own stream)
+            with offline(all(request.offline for request, _ in live)):
+                outputs = _as_output_list(await self.backend.run(inputs), len(inputs))
         except (NotReadyError, OverloadedError, DeadlineExceededError) as error:
             # the backend refused or gave up on the whole batch: not the model's fault
             self.stats.errors[error.kind] += 1
