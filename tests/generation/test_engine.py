@@ -7,6 +7,7 @@ exactly the tokens ``generate()`` gives for their prompt alone.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from batchserve.errors import DeadlineExceededError, InputError, OverloadedError
 from batchserve.generation import EngineLimits, GenerationEngine, SamplingParams
 from batchserve.generation.detokenize import IncrementalDecoder, StopMatcher
+from batchserve.priority import offline
 from tests.generation.engine_helpers import MAX_TOKENS, PROMPTS, greedy_results_joining_at_distinct_steps, wait_for_step
 
 
@@ -355,3 +357,60 @@ async def test_constrained_and_free_rows_share_steps_and_each_get_what_they_aske
         engine.constraints.compile(Constraint("json_schema", json.dumps({"type": "array", "uniqueItems": True})))
     with pytest.raises(InputError, match="look-around"):
         engine.constraints.compile(Constraint("regex", "(?=a)b"))
+
+
+async def test_an_online_request_takes_the_next_free_row_before_waiting_offline_ones(lm):
+    """Rows go to waiting online requests first (batchserve.priority.offline marks a job's);
+    offline work still runs when no online request waits."""
+    engine = GenerationEngine(lm, EngineLimits(max_rows=1))
+    engine.start()
+    try:
+        prompt = engine.encode("Count slowly:")
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        with offline():
+            running = engine.submit(prompt, params, timeout=120)
+            async with asyncio.timeout(60):
+                while running.admitted_step is None:
+                    await asyncio.sleep(0.002)
+            waiting = [engine.submit(prompt, params, timeout=120) for _ in range(2)]
+        online = engine.submit(prompt, params, timeout=120)
+        assert (engine.waiting_requests, engine.waiting_offline_requests) == (3, 2)
+        results = await asyncio.gather(*(request.result() for request in (running, *waiting, online)))
+        assert all(result.choices[0].tokens == 4 for result in results)
+        assert running.admitted_step < online.admitted_step < waiting[0].admitted_step < waiting[1].admitted_step
+        assert running.offline and all(request.offline for request in waiting) and not online.offline
+    finally:
+        engine.stop()
+
+
+async def test_offline_requests_never_make_an_online_one_find_the_engine_full(lm):
+    """Online requests count the online rows waiting; offline ones count both lanes."""
+    engine = GenerationEngine(lm, EngineLimits(max_rows=1, max_waiting_rows=2))
+    engine.start()
+    holding = threading.Event()
+
+    def hold(lm):
+        holding.set()
+        time.sleep(0.5)  # no admission meanwhile: everything submitted now waits
+
+    held = asyncio.ensure_future(engine.call(hold))
+    await asyncio.to_thread(holding.wait, 30)
+    try:
+        prompt = engine.encode("Hello")
+        params = SamplingParams(max_tokens=2, temperature=0)
+        with offline():
+            waiting = [engine.submit(prompt, params, timeout=60) for _ in range(2)]
+            with pytest.raises(OverloadedError, match="2 generation rows already waiting"):
+                engine.submit(prompt, params, timeout=60)
+        waiting += [engine.submit(prompt, params, timeout=60) for _ in range(2)]  # online: room of its own
+        with pytest.raises(OverloadedError, match="2 generation rows already waiting"):
+            engine.submit(prompt, params, timeout=60)
+        with offline(), pytest.raises(OverloadedError, match="4 generation rows already waiting"):
+            engine.submit(prompt, params, timeout=60)
+        await held
+        results = await asyncio.gather(*(request.result() for request in waiting))
+        assert all(result.choices for result in results)
+        steps = [request.admitted_step for request in waiting]
+        assert max(steps[2:]) < min(steps[:2]), steps  # the online ones first
+    finally:
+        engine.stop()

@@ -3,7 +3,9 @@
 Every loop iteration of the engine thread:
 
 1. drops the rows of cancelled or expired requests;
-2. admits waiting requests while the row and token bounds allow, has the runtime prefill
+2. admits waiting requests while the row and token bounds allow (online requests first:
+   offline ones, submitted inside :func:`batchserve.priority.offline`, only while no online
+   request waits), has the runtime prefill
    their prompts in one pass and fork each prompt's sequence ``n - 1`` times (the
    alternatives share the prefill), samples their first tokens;
 3. has the runtime decode one token for every running row, samples each row with its own
@@ -46,6 +48,7 @@ from batchserve.generation.sampling import (
     token_logprobs,
 )
 from batchserve.generation.text import ChoiceText
+from batchserve.priority import is_offline
 from batchserve.procinfo import release_free_heap
 from batchserve.runtimes.base import CausalLM
 
@@ -98,7 +101,8 @@ class GenerationEngine:
         #: compiles requests' constraints for this model's vocabulary (see :meth:`submit`)
         self.constraints = Constraints(lm.tokenizer, lm.stop_tokens)
 
-        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()  # online requests, oldest first
+        self._waiting_offline: collections.deque[GenerationRequest] = collections.deque()  # priority.offline()'s
         self._calls: collections.deque[tuple] = collections.deque()  # (function, future) to run between steps
         self._jobs: collections.deque[tuple] = collections.deque()  # (generator, future): a call run a step at a time
         self._wakeup = threading.Condition()
@@ -140,7 +144,13 @@ class GenerationEngine:
 
     @property
     def waiting_requests(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for rows, online and offline."""
+        return len(self._waiting) + len(self._waiting_offline)
+
+    @property
+    def waiting_offline_requests(self) -> int:
+        """Of :attr:`waiting_requests`, the offline ones."""
+        return len(self._waiting_offline)
 
     def describe(self) -> dict:
         return {
@@ -148,6 +158,7 @@ class GenerationEngine:
             "runtime": self.lm.name,
             "active_rows": self.active_rows,
             "waiting_requests": self.waiting_requests,
+            "waiting_offline_requests": self.waiting_offline_requests,
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "first_tokens": self.first_tokens,
@@ -170,7 +181,12 @@ class GenerationEngine:
     ) -> GenerationRequest:
         """Queue a request (call from the event loop); iterate its events or await ``result()``
         (``streamed=False``: a caller that only awaits the result gets one event per choice).
-        ``constraint`` (from ``self.constraints.compile``): each choice's tokens are kept to it."""
+        ``constraint`` (from ``self.constraints.compile``): each choice's tokens are kept to it.
+
+        Inside :func:`batchserve.priority.offline` the request is offline: it gets rows only
+        while no online request waits, and it is admitted only while the rows waiting in both
+        lanes leave room (an online request counts the online ones only: an offline backlog
+        never makes it a 503).  Running rows are not preempted."""
         self._check(prompt_ids, params, n)
         if constraint is not None and params.ignore_eos:
             raise InputError("ignore_eos cannot be used with a constraint (a complete value ends with end-of-sequence)")
@@ -182,14 +198,16 @@ class GenerationEngine:
             loop=asyncio.get_running_loop(),
             streamed=streamed,
             constraint=constraint,
+            offline=is_offline(),
         )
+        lanes = (self._waiting, self._waiting_offline) if request.offline else (self._waiting,)
         with self._wakeup:
-            waiting_rows = sum(r.n for r in self._waiting)
+            waiting_rows = sum(r.n for lane in lanes for r in lane if not r.cancelled)
             if waiting_rows + n > self.limits.max_waiting_rows:
                 raise OverloadedError(f"{waiting_rows} generation rows already waiting")
-            if self._kv_tokens_in_flight() + request.kv_tokens > self.limits.max_kv_tokens:
+            if self._kv_tokens_in_flight(lanes) + request.kv_tokens > self.limits.max_kv_tokens:
                 raise OverloadedError("too many tokens in flight for the generation engine")
-            self._waiting.append(request)
+            lanes[-1].append(request)
             self._wakeup.notify()
         return request
 
@@ -261,16 +279,16 @@ class GenerationEngine:
         if needed > self.limits.max_kv_tokens:
             raise InputError(f"the request needs {needed} KV-cache tokens; the server allows {self.limits.max_kv_tokens}")
 
-    def _kv_tokens_in_flight(self) -> int:
-        """KV-cache tokens the requests still wanted may take: rows of a cancelled or expired
-        request are going (dropped before the next admission), so they do not count."""
+    def _kv_tokens_in_flight(self, lanes: tuple[collections.deque[GenerationRequest], ...]) -> int:
+        """KV-cache tokens the running requests and those waiting in ``lanes`` may take: rows of a
+        cancelled or expired request are going (dropped before the next admission), so they do not count."""
         now = time.monotonic()
         running = sum(
             len(row.request.prompt_ids) + row.request.params.max_tokens
             for row in list(self._rows)
             if not (row.request.cancelled or row.request.expired(now))
         )
-        return running + sum(r.kv_tokens for r in self._waiting if not (r.cancelled or r.expired(now)))
+        return running + sum(r.kv_tokens for lane in lanes for r in lane if not (r.cancelled or r.expired(now)))
 
     # ------------------------------------------------------------------ engine thread
 
@@ -296,7 +314,7 @@ class GenerationEngine:
         self._fail_everything(RuntimeError("the generation engine stopped"))
 
     def _idle(self) -> bool:
-        return not self._waiting and not self._rows and not self._calls and not self._jobs
+        return not self._waiting and not self._waiting_offline and not self._rows and not self._calls and not self._jobs
 
     # Giving freed memory back: once the engine idles after work, at most once a second.
 
@@ -327,25 +345,27 @@ class GenerationEngine:
         self.steps += 1
 
     def _admit(self) -> list[GenerationRequest]:
-        """Waiting requests that fit in the free rows and this step's prefill budget, FIFO."""
+        """Waiting requests that fit in the free rows and this step's prefill budget, FIFO: the
+        online ones, then (when no online request is left waiting) the offline ones."""
         admitted, rows, prefill_tokens, now = [], len(self._rows), 0, time.monotonic()
         with self._wakeup:
-            while self._waiting:
-                request = self._waiting[0]
-                if request.cancelled or request.expired(now):
-                    self._waiting.popleft()
-                    if not request.cancelled:
-                        request.emit(DeadlineExceededError("deadline passed while waiting for a generation row"))
-                    continue
-                fits_rows = rows + request.n <= self.limits.max_rows
-                fits_prefill = not admitted or prefill_tokens + len(request.prompt_ids) <= self.limits.max_prefill_tokens
-                if not (fits_rows and fits_prefill):
-                    break
-                self._waiting.popleft()
-                request.admitted_step = self.steps
-                admitted.append(request)
-                rows += request.n
-                prefill_tokens += len(request.prompt_ids)
+            for lane in (self._waiting, self._waiting_offline):
+                while lane:
+                    request = lane[0]
+                    if request.cancelled or request.expired(now):
+                        lane.popleft()
+                        if not request.cancelled:
+                            request.emit(DeadlineExceededError("deadline passed while waiting for a generation row"))
+                        continue
+                    fits_rows = rows + request.n <= self.limits.max_rows
+                    fits_prefill = not admitted or prefill_tokens + len(request.prompt_ids) <= self.limits.max_prefill_tokens
+                    if not (fits_rows and fits_prefill):
+                        return admitted  # an online request that must wait keeps the offline ones waiting too
+                    lane.popleft()
+                    request.admitted_step = self.steps
+                    admitted.append(request)
+                    rows += request.n
+                    prefill_tokens += len(request.prompt_ids)
         return admitted
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
@@ -460,8 +480,9 @@ class GenerationEngine:
     def _fail_everything(self, error: BaseException) -> None:
         failed = {id(row.request): row.request for row in self._rows}
         with self._wakeup:
-            failed.update({id(request): request for request in self._waiting})
+            failed.update({id(request): request for request in (*self._waiting, *self._waiting_offline)})
             self._waiting.clear()
+            self._waiting_offline.clear()
         for request in failed.values():
             if not request.cancelled:
                 request.emit(error_for(error))

@@ -68,6 +68,7 @@ class GenerationRequest:
     submitted: float = field(default_factory=time.monotonic)  # for the engine's time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     constraint: Any = None  # a CompiledConstraint: each choice's tokens kept to it
+    offline: bool = False  # submitted inside priority.offline(): waits for rows behind online requests
 
     @property
     def kv_tokens(self) -> int:
