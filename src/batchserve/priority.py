@@ -14,6 +14,8 @@ where the work is queued, so no route or service passes a parameter along::
   an online request find the queue full.
 * :class:`~batchserve.generation.engine.GenerationEngine` gives free rows to waiting online
   requests before waiting offline ones.
+* The Redis front sends a batch of offline items only to the model's offline stream, which
+  workers read only when the request stream has nothing for them (docs/scaling.md).
 * The mark is a :class:`contextvars.ContextVar`: it follows the code inside the ``with`` block,
   the tasks it creates (asyncio copies the context into each new task) and calls it makes with
   :func:`asyncio.to_thread`; a plain thread started inside it does not inherit it.

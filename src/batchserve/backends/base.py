@@ -26,6 +26,8 @@ class Backlog:
     entries: int  #: batches in the queue: waiting for a worker, or read by one and not yet answered
     pending: int  #: of those, read by a worker and not yet answered
     workers: int  #: live workers serving the queue
+    offline_entries: int = 0  #: of ``entries``, offline batches (redis: the model's offline stream)
+    offline_pending: int = 0  #: of ``pending``, offline batches
 
 
 class Backend(ABC):

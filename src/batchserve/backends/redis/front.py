@@ -14,6 +14,11 @@ worker started later (an autoscaler watching the stream's length starts the firs
 finds it.  A batch whose deadline passed is answered with a deadline error (504) and its
 entry deleted, so no worker computes it (a worker that read it already answers it with a
 deadline error, uncomputed).
+
+A batch run inside :func:`batchserve.priority.offline` (the batcher runs a batch of offline
+items only so: a batch job's) goes to the model's offline stream instead
+(:attr:`~.protocol.StreamKeys.offline_requests`), which workers read only when the request
+stream gives them nothing: online batches never wait behind a job's backlog in Redis.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from batchserve.backends.redis.protocol import (
 )
 from batchserve.errors import BatchserveError, DeadlineExceededError, NotReadyError
 from batchserve.model import ModelSpec
+from batchserve.priority import is_offline
 from batchserve.settings import Settings
 
 log = logging.getLogger("batchserve.redis")
@@ -93,7 +99,7 @@ class RedisBackend(Backend):
         self._redis: aioredis.Redis | None = None
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future] = {}
-        self._entries: dict[str, bytes] = {}  # request id → its entry, while it waits for its answer
+        self._entries: dict[str, tuple[str, bytes]] = {}  # request id → (stream, entry id), while it waits for its answer
         self._reader: asyncio.Task | None = None
         self._last_reply_id = "0"
         self._workers_checked = 0.0
@@ -148,7 +154,10 @@ class RedisBackend(Backend):
         if self._redis is not None:
             if unanswered and self.connected:  # nobody will read their answers: no worker should compute them
                 with contextlib.suppress(*UNREACHABLE, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._redis.xdel(self.keys.requests, *unanswered), CLOSE_READER_TIMEOUT)
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for stream in {stream for stream, _ in unanswered}:
+                            pipe.xdel(stream, *[entry for where, entry in unanswered if where == stream])
+                        await asyncio.wait_for(pipe.execute(), CLOSE_READER_TIMEOUT)
             await self._redis.aclose()
             self._redis = None
 
@@ -160,14 +169,16 @@ class RedisBackend(Backend):
             "workers": self.live_workers,
             "wait_for_workers": self.wait_for_workers,
             "stream": self.keys.requests,
+            "offline_stream": self.keys.offline_requests,
             "waiting": len(self._waiting),
             "duplicate_replies": self.duplicate_replies,
         }
 
     async def backlog(self) -> Backlog | None:
-        """The request stream now, in one round trip: its length (batches waiting for a worker
-        or being computed: entries are deleted once answered), its pending entries (read by a
-        worker, not yet answered) and the live workers.  None while Redis is unreachable.
+        """The request streams now (online and offline), in one round trip: their length
+        (batches waiting for a worker or being computed: entries are deleted once answered),
+        their pending entries (read by a worker, not yet answered) and the live workers.  None
+        while Redis is unreachable.
 
         The length is the autoscaling signal: a worker reads only while it has a free slot,
         so batches waiting for capacity are in the stream but not pending."""
@@ -177,15 +188,23 @@ class RedisBackend(Backend):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.requests)
                 pipe.xpending(self.keys.requests, GROUP)
+                pipe.xlen(self.keys.offline_requests)
+                pipe.xpending(self.keys.offline_requests, GROUP)
                 pipe.zcount(self.keys.workers, time.time(), "+inf")
-                length, pending, workers = await pipe.execute()
+                length, pending, offline_length, offline_pending, workers = await pipe.execute()
         except UNREACHABLE as error:
             self._lost(error)
             return None
         except ResponseError:  # no group yet (Redis restarted empty): the reader creates it again
             return None
         self.live_workers = workers
-        return Backlog(entries=length, pending=pending["pending"], workers=workers)
+        return Backlog(
+            entries=length + offline_length,
+            pending=pending["pending"] + offline_pending["pending"],
+            workers=workers,
+            offline_entries=offline_length,
+            offline_pending=offline_pending["pending"],
+        )
 
     # ---------------------------------------------------------------- run
 
@@ -199,12 +218,14 @@ class RedisBackend(Backend):
         request_id = str(next(self._ids))
         reply = loop.create_future()
         self._waiting[request_id] = reply
+        stream = self.keys.stream(offline=is_offline())
         entry_id = None
         try:
-            entry_id = self._entries[request_id] = await self._send(request_id, batch, time.time() + deadline - loop.time())
+            entry_id = await self._send(stream, request_id, batch, time.time() + deadline - loop.time())
+            self._entries[request_id] = (stream, entry_id)
             return await asyncio.wait_for(reply, max(deadline - loop.time(), 0) + REPLY_GRACE)
         except asyncio.TimeoutError:
-            await self._forget(entry_id)
+            await self._forget(stream, entry_id)
             if self.live_workers == 0:
                 raise DeadlineExceededError(f"no worker served {self.keys.name!r} before the deadline") from None
             raise DeadlineExceededError("no worker answered before the deadline") from None
@@ -212,21 +233,21 @@ class RedisBackend(Backend):
             self._waiting.pop(request_id, None)
             self._entries.pop(request_id, None)
 
-    async def _forget(self, entry_id: bytes | None) -> None:
+    async def _forget(self, stream: str, entry_id: bytes | None) -> None:
         """Delete the entry of a batch given up on: no worker computes it, and the stream's
         length (what an autoscaler watches) counts only batches someone still waits for."""
         if entry_id is None or self._redis is None or not self.connected:
             return
         try:
-            await self._redis.xdel(self.keys.requests, entry_id)
+            await self._redis.xdel(stream, entry_id)
         except UNREACHABLE as error:
             self._lost(error)
 
-    async def _send(self, request_id: str, batch: list, unix_deadline: float) -> bytes:
-        """Add the batch's entry to the request stream; its entry id."""
+    async def _send(self, stream: str, request_id: str, batch: list, unix_deadline: float) -> bytes:
+        """Add the batch's entry to ``stream`` (the request stream or the offline one); its entry id."""
         entry = request_entry(request_id, self.reply_key, unix_deadline, batch)
         try:
-            return await self._redis.xadd(self.keys.requests, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
+            return await self._redis.xadd(stream, entry, maxlen=MAX_STREAM_LENGTH, approximate=True)
         except UNREACHABLE as error:
             self._lost(error)
             raise NotReadyError("Redis is unreachable; retry shortly") from None
@@ -296,7 +317,8 @@ class RedisBackend(Backend):
             await self._redis.ping()
             if starting:
                 await check_commands(self._redis, self.url, FRONT_COMMANDS, self.keys, self.client_id, "front")
-            await ensure_group(self._redis, self.keys.requests)
+            for stream in (self.keys.requests, self.keys.offline_requests):
+                await ensure_group(self._redis, stream)
             self._workers_checked = 0.0
             await self._count_workers_now_and_then()
         except AuthenticationError:

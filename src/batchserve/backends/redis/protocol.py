@@ -5,6 +5,7 @@ Everything both sides must agree on is here; :mod:`.front` (``serve --backend re
 ``M``::
 
     batchserve:P:M:requests            entries {id, reply, deadline, data}
+    batchserve:P:M:requests:batch      the same, for offline batches (read when the first is empty)
     batchserve:P:M:replies:<client>    entries {id, data} or {id, error}
     batchserve:P:M:workers             sorted set: live workers, scored by lease expiry
     batchserve:P:M:workers:<consumer>  hash: a worker's counters (batches, batch sizes, ...)
@@ -65,6 +66,15 @@ class StreamKeys:
     @property
     def requests(self) -> str:
         return f"{self.base}:requests"
+
+    @property
+    def offline_requests(self) -> str:
+        """The stream of offline batches (:func:`batchserve.priority.offline`): workers read it
+        only when :attr:`requests` gave them nothing."""
+        return f"{self.base}:requests:batch"
+
+    def stream(self, offline: bool) -> str:
+        return self.offline_requests if offline else self.requests
 
     @property
     def workers(self) -> str:

@@ -23,6 +23,15 @@ An entry's life (see :mod:`.protocol` for the keys and fields):
    worker-died error instead of killing a third worker.
 4. answered on the front's reply stream, then acked and deleted (``XACK``, ``XDEL``) in
    one pipeline, so the request stream holds only unfinished work.
+
+Each model has a second stream, for offline batches (a batch job's, see
+:func:`batchserve.priority.offline`), served by a second :class:`StreamWorker` on the same
+batcher (``offline=True``, its ``primary`` the first).  The first one's loop reads for both:
+the request stream first, the offline stream only when the request stream has nothing, and
+when neither has, it blocks on both.  What the offline stream gives is submitted as offline
+work, so online entries read later still go first in the local batcher.  Refreshes, reclaims,
+acks and deletes are each stream's own; the worker's lease (``<base>:workers``) is the first
+one's.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, ResponseError
 
+from batchserve import priority
 from batchserve.aio import wait_event
 from batchserve.backends.redis.connection import WORKER_COMMANDS, TLSFiles, check_commands, connect, diagnose
 from batchserve.backends.redis.protocol import (
@@ -87,7 +97,12 @@ class Reply:
 
 
 class StreamWorker:
-    """Serves one model's request stream with one local batcher."""
+    """Serves one model's request stream with one local batcher.
+
+    ``offline=True``: its offline stream instead, with ``primary`` the worker of the request
+    stream on the same batcher: ``primary``'s loop reads the offline stream only when the
+    request stream has nothing, ``primary.stop()`` stops both, and the lease is ``primary``'s.
+    Entries of the offline stream are submitted as offline work."""
 
     def __init__(
         self,
@@ -96,18 +111,27 @@ class StreamWorker:
         batcher: Batcher,
         consumer: str,
         visibility_timeout: float = 10.0,
+        offline: bool = False,
+        primary: StreamWorker | None = None,
     ):
         self.redis = client
         self.keys = keys
         self.batcher = batcher
         self.consumer = consumer
         self.visibility_timeout = visibility_timeout
+        self.offline = offline
+        self.primary = primary
+        self.secondary: StreamWorker | None = None  # the offline stream's worker, read by this one's loop
+        if primary is not None:
+            primary.secondary = self
+        self.stream = keys.stream(offline)
         self._held: dict[bytes, asyncio.Task] = {}
         self._unacked: set[bytes] = set()  # answered, not yet acked
         self._outbox: list[Reply] = []
         self._outbox_ready = asyncio.Event()
-        self._room = asyncio.Event()
+        self._room = primary._room if primary is not None else asyncio.Event()  # one reading loop for both
         self._upkeep_now = asyncio.Event()  # set: renew the lease now (Redis came back)
+        self._reader: asyncio.Task | None = None  # None on an offline worker: its primary reads for it
         self._tasks: list[asyncio.Task] = []
         self._connected = True
         self._stopping = False  # set: read no more
@@ -116,26 +140,38 @@ class StreamWorker:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Start its loops (an offline worker: after its primary's, or with it: ``primary.start()``
+        does not start it)."""
         loop = asyncio.get_running_loop()
+        name = f"{self.keys.name}{' offline' if self.offline else ''}"
+        if self.primary is None:
+            self._reader = loop.create_task(self._read_forever(), name=f"read {name}")
         self._tasks = [
-            loop.create_task(self._read_forever(), name=f"read {self.keys.name}"),
-            loop.create_task(self._upkeep_forever(), name=f"upkeep {self.keys.name}"),
-            loop.create_task(self._write_replies_forever(), name=f"write {self.keys.name}"),
+            loop.create_task(self._upkeep_forever(), name=f"upkeep {name}"),
+            loop.create_task(self._write_replies_forever(), name=f"write {name}"),
         ]
 
     async def stop(self, grace: float = HELD_GRACE) -> None:
-        """Stop reading; finish and answer what this worker holds (up to ``grace`` s).
+        """Stop reading; finish and answer what this worker holds (up to ``grace`` s).  Stops its
+        offline stream's worker too (stop a primary, not its offline worker).
 
         The loops end at their next turn (a read blocks at most ``READ_BLOCK_MS``) rather
         than being cancelled in the middle of a Redis command, so no entry is read and lost.
         The upkeep and the writer run until everything held is answered: a read still in
         flight when the stop began may deliver entries after the last held one finished.
         """
-        reader, upkeep, writer = self._tasks
-        self._stopping = True
+        workers = [self] if self.secondary is None else [self, self.secondary]
+        for worker in workers:
+            worker._stopping = True
         self._room.set()
-        await _finish(reader, timeout=LOOP_GRACE)
+        if self._reader is not None:
+            await _finish(self._reader, timeout=LOOP_GRACE)
         await self._leave()
+        await asyncio.gather(*(worker._drain(grace) for worker in workers))
+
+    async def _drain(self, grace: float) -> None:
+        """Once nothing more is read: finish what this worker holds, write the answers, end its loops."""
+        upkeep, writer = self._tasks
         await self._recover_own()  # anything Redis gave us that a lost read never showed
         if self._held:  # meanwhile the upkeep keeps them ours, so nobody takes them over
             await asyncio.wait(list(self._held.values()), timeout=grace)
@@ -154,6 +190,9 @@ class StreamWorker:
         return max(self.batcher.max_batch_size - self.batcher.queue_depth, 0)
 
     async def _read_forever(self) -> None:
+        """Read while the batcher has room: the request stream; the offline stream only when
+        the request stream has nothing; when neither has anything, block on both."""
+        workers = [self] if self.secondary is None else [self, self.secondary]
         while not self._stopping:
             count = self._free_items()
             if count == 0:
@@ -161,22 +200,34 @@ class StreamWorker:
                 await wait_event(self._room, 0.1)
                 continue
             try:
-                answer = await self.redis.xreadgroup(
-                    GROUP, self.consumer, {self.keys.requests: ">"}, count=count, block=READ_BLOCK_MS
-                )
+                answer = await self._read([self], count, block=None)
+                if not answer and len(workers) > 1:
+                    answer = await self._read(workers[1:], count, block=None)
+                if not answer:
+                    answer = await self._read(workers, count, block=READ_BLOCK_MS)
             except UNREACHABLE as error:
                 # Redis may have delivered entries to us before the read failed (a client-side
                 # timeout): they are pending in our name; read them back once it answers
                 await self._redis_lost(error)
-                await self._recover_own()
+                for worker in workers:
+                    await worker._recover_own()
                 continue
             except ResponseError as error:
                 await self._group_lost(error)
                 continue
-            self._redis_back()
-            for _, entries in answer or []:
+            for worker in workers:
+                worker._redis_back()
+            by_stream = {worker.stream: worker for worker in workers}
+            for stream, entries in answer:
+                worker = by_stream[_text(stream)]
                 for entry_id, fields in entries:
-                    self._accept(entry_id, fields)
+                    worker._accept(entry_id, fields)
+
+    async def _read(self, workers: list[StreamWorker], count: int, block: int | None) -> list:
+        """New entries of these workers' streams: ``[(stream, entries)]``, only streams that gave some."""
+        streams = {worker.stream: ">" for worker in workers}
+        answer = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=count, block=block)
+        return [(stream, entries) for stream, entries in answer or [] if entries]
 
     async def _recover_own(self) -> None:
         """Serve entries pending in this consumer's name that it neither holds nor answered.
@@ -187,7 +238,7 @@ class StreamWorker:
         """
         try:
             answer = await self.redis.xreadgroup(
-                GROUP, self.consumer, {self.keys.requests: "0"}, count=self.batcher.max_batch_size + len(self._held)
+                GROUP, self.consumer, {self.stream: "0"}, count=self.batcher.max_batch_size + len(self._held)
             )
         except (*UNREACHABLE, ResponseError):
             return  # the next failed read or stop tries again
@@ -205,7 +256,7 @@ class StreamWorker:
         try:
             entry = parse_entry(entry_id, fields, self.keys)
         except BadEntry as error:
-            log.warning("bad entry %s on %s: %s", entry_id.decode(), self.keys.requests, error)
+            log.warning("bad entry %s on %s: %s", entry_id.decode(), self.stream, error)
             invalid = InputError(f"bad request entry: {error}")
             self._answer_error(entry_id, error.reply_key, error.request_id, invalid, time.time() + 60)
             return
@@ -226,7 +277,8 @@ class StreamWorker:
         try:
             if remaining <= 0:
                 raise DeadlineExceededError("deadline passed before a worker took the request")
-            outputs = await self.batcher.submit(entry.items, timeout=remaining)
+            with priority.offline(self.offline):
+                outputs = await self.batcher.submit(entry.items, timeout=remaining)
             fields = result_reply(entry.request_id, outputs)
         except asyncio.CancelledError:
             raise
@@ -270,8 +322,8 @@ class StreamWorker:
                     pipe.xadd(reply.reply_key, reply.fields, maxlen=REPLY_STREAM_LENGTH, approximate=True)
                     pipe.expire(reply.reply_key, REPLY_TTL_SECONDS)
             entry_ids = [reply.entry_id for reply in replies]
-            pipe.xack(self.keys.requests, GROUP, *entry_ids)
-            pipe.xdel(self.keys.requests, *entry_ids)
+            pipe.xack(self.stream, GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
             await pipe.execute()
 
     # ---------------------------------------------------------------- upkeep
@@ -284,7 +336,8 @@ class StreamWorker:
             try:
                 await self._refresh_held()
                 if not self._stopping:  # a leaving worker only keeps what it holds
-                    await self._announce()
+                    if self.primary is None:  # the lease is the request stream's worker's
+                        await self._announce()
                     if self._free_items() > 0:
                         await self._reclaim()
                     if ticks % 30 == 29:
@@ -300,7 +353,7 @@ class StreamWorker:
     async def _refresh_held(self) -> None:
         held = list(self._held)
         if held:
-            await self.redis.xclaim(self.keys.requests, GROUP, self.consumer, 0, held, justid=True)
+            await self.redis.xclaim(self.stream, GROUP, self.consumer, 0, held, justid=True)
 
     async def _reclaim(self) -> None:
         """Take entries left pending by another consumer idle past the visibility timeout.
@@ -311,7 +364,7 @@ class StreamWorker:
         """
         idle_ms = int(self.visibility_timeout * 1000)
         pending = await self.redis.xpending_range(
-            self.keys.requests, GROUP, min="-", max="+",
+            self.stream, GROUP, min="-", max="+",
             count=self.batcher.max_batch_size + len(self._held), idle=idle_ms,
         )
         deliveries = {
@@ -321,7 +374,7 @@ class StreamWorker:
         }
         if not deliveries:
             return
-        claimed = await self.redis.xclaim(self.keys.requests, GROUP, self.consumer, idle_ms, list(deliveries))
+        claimed = await self.redis.xclaim(self.stream, GROUP, self.consumer, idle_ms, list(deliveries))
         if not claimed:
             return  # another worker was first, or the entries were deleted
         log.warning("reclaimed %d entries from a worker idle over %gs", len(claimed), self.visibility_timeout)
@@ -338,10 +391,10 @@ class StreamWorker:
     async def _forget_stale_consumers(self) -> None:
         """Remove consumers of dead workers once they hold nothing."""
         stale_ms = STALE_CONSUMER_TIMEOUTS * self.visibility_timeout * 1000
-        for consumer in await self.redis.xinfo_consumers(self.keys.requests, GROUP):
+        for consumer in await self.redis.xinfo_consumers(self.stream, GROUP):
             name = _text(consumer["name"])
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > stale_ms:
-                await self.redis.xgroup_delconsumer(self.keys.requests, GROUP, name)
+                await self.redis.xgroup_delconsumer(self.stream, GROUP, name)
 
     async def _announce(self) -> None:
         """Renew this worker's lease in ``<base>:workers`` (fronts count live workers there)
@@ -376,24 +429,25 @@ class StreamWorker:
 
     async def _redis_lost(self, error: BaseException) -> None:
         if self._connected:
-            log.warning("lost Redis on %s: %s; reconnecting", self.keys.requests, error)
+            log.warning("lost Redis on %s: %s; reconnecting", self.stream, error)
         self._connected = False
         await asyncio.sleep(RECONNECT_DELAY)
 
     def _redis_back(self) -> None:
         if not self._connected:
-            log.warning("Redis is back on %s", self.keys.requests)
+            log.warning("Redis is back on %s", self.stream)
             self._upkeep_now.set()
         self._connected = True
 
     async def _group_lost(self, error: ResponseError) -> None:
         """Redis restarted empty (no group): create the group again.  Other errors are logged."""
         if "NOGROUP" not in str(error):
-            log.error("Redis refused a command on %s: %s", self.keys.requests, error)
+            log.error("Redis refused a command on %s: %s", self.stream, error)
             await asyncio.sleep(1.0)
             return
         try:
-            await ensure_group(self.redis, self.keys.requests)
+            for worker in [self] if self.secondary is None else [self, self.secondary]:
+                await ensure_group(self.redis, worker.stream)
             self._upkeep_now.set()  # Redis lost our lease too
         except UNREACHABLE as unreachable:
             await self._redis_lost(unreachable)
@@ -440,14 +494,16 @@ async def serve_batchers(
         for name in batchers:
             await check_commands(client, url, WORKER_COMMANDS, StreamKeys(prefix, name), consumer, "worker")
     await asyncio.gather(*(batcher.start() for batcher in batchers.values()))
-    workers = [
-        StreamWorker(client, StreamKeys(prefix, name), batcher, consumer, visibility_timeout)
-        for name, batcher in batchers.items()
-    ]
-    for worker in workers:
-        await _ensure_group_when_reachable(client, worker.keys.requests, stop)
-        worker.start()
-        log.warning("serving %s from %s as %s", worker.keys.requests, redact(url), consumer)
+    workers: list[StreamWorker] = []  # the request streams' (each stops its offline stream's too)
+    for name, batcher in batchers.items():
+        first = StreamWorker(client, StreamKeys(prefix, name), batcher, consumer, visibility_timeout)
+        offline = StreamWorker(client, first.keys, batcher, consumer, visibility_timeout, offline=True, primary=first)
+        for worker in (first, offline):
+            await _ensure_group_when_reachable(client, worker.stream, stop)
+        offline.start()
+        first.start()
+        workers.append(first)
+        log.warning("serving %s (and offline, %s) from %s as %s", first.stream, offline.stream, redact(url), consumer)
     try:
         await stop.wait()
     finally:
