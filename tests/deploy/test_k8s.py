@@ -193,7 +193,7 @@ def test_the_workers_run_batchserve_worker_and_finish_what_they_hold_within_thei
     assert needed + 5 <= grace, f"terminationGracePeriodSeconds {grace} < {needed} + 5"
 
 
-def test_keda_scales_the_workers_from_zero_on_the_stream_they_read(monkeypatch, tmp_path):
+def test_keda_scales_the_workers_from_zero_on_the_streams_they_read(monkeypatch, tmp_path):
     objects = rendered("keda")
     scaled = one(objects, "ScaledObject", "batchserve-worker")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
@@ -202,17 +202,23 @@ def test_keda_scales_the_workers_from_zero_on_the_stream_they_read(monkeypatch, 
     assert spec["scaleTargetRef"]["name"] == "batchserve-worker"
     assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 1
     assert "replicas" not in one(objects, "Deployment", "batchserve-worker")["spec"], "KEDA owns the replica count"
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "redis-streams"
-    metadata = trigger["metadata"]
-    assert all(isinstance(value, str) for value in metadata.values()), "KEDA's metadata values are strings"
-    assert "consumerGroup" not in metadata, "without a group KEDA reads XLEN: the stream's length"
-    assert int(metadata["streamLength"]) >= 1 and not {"lagCount", "pendingEntriesCount"} & set(metadata)
-
+    triggers = spec["triggers"]
     worker = one(objects, "Deployment", "batchserve-worker")
     settings, models = run_cli(command_line(objects, worker, tmp_path), monkeypatch)
-    streams = {StreamKeys(settings.redis.redis_prefix, name).requests for name in models}
-    assert metadata["stream"] in streams, f"{metadata['stream']} is not a stream the workers read: {streams}"
+    keys = [StreamKeys(settings.redis.redis_prefix, name) for name in models]
+    # the request streams and the offline ones (batch jobs'): a job alone starts a worker too
+    assert {trigger["metadata"]["stream"] for trigger in triggers} == {
+        stream for key in keys for stream in (key.requests, key.offline_requests)
+    }, "one trigger per stream the workers read"
+    for trigger in triggers:
+        assert trigger["type"] == "redis-streams"
+        metadata = trigger["metadata"]
+        assert all(isinstance(value, str) for value in metadata.values()), "KEDA's metadata values are strings"
+        assert "consumerGroup" not in metadata, "without a group KEDA reads XLEN: the stream's length"
+        assert int(metadata["streamLength"]) >= 1 and not {"lagCount", "pendingEntriesCount"} & set(metadata)
+    trigger = triggers[0]
+    metadata = trigger["metadata"]
+    assert all(other["metadata"]["address"] == metadata["address"] for other in triggers)
 
     host, _, port = metadata["address"].rpartition(":")
     namespace = scaled["metadata"]["namespace"]
