@@ -37,7 +37,7 @@ def engine() -> Engine:
 
 def python(engine: Engine, *args: str, timeout: float = 120):
     """``python ARGS`` in a container of the image: no network, no GPU, removed when it exits."""
-    return engine("run", "--rm", "--network", "none", *engine.run_options, "--entrypoint", PYTHON, IMAGE, *args,
+    return engine("run", "--rm", "--network", "none", "--no-healthcheck", *engine.run_options, "--entrypoint", PYTHON, IMAGE, *args,
                   timeout=timeout, check=False)
 
 
