@@ -150,14 +150,25 @@ bench-overhead: venv
 # the container image (deploy/Dockerfile) with docker when a daemon answers, else with buildah
 # (installed when missing); on a local Debian base when python:3.11-slim cannot be pulled
 IMAGE ?= batchserve:latest
-.PHONY: image image-test
+# the gpu overlay's worker image (deploy/k8s/overlays/gpu): the same Dockerfile with PyPI's CUDA
+# build of torch (several GB more); buildah names it localhost/batchserve-cuda:latest either way
+CUDA_IMAGE ?= localhost/batchserve-cuda:latest
+.PHONY: image image-test image-cuda image-cuda-test
 
 image:
 	IMAGE=$(IMAGE) deploy/build-image.sh
 
+image-cuda:
+	IMAGE=$(CUDA_IMAGE) TORCH_VARIANT=cuda deploy/build-image.sh
+
 # runs the image and checks it (tests/deploy); `image` first: seconds when nothing changed
 image-test: venv image
 	HF_HUB_OFFLINE=1 BATCHSERVE_IMAGE=$(IMAGE) $(BIN)/python -m pytest -q -m slow tests/deploy
+
+# the CUDA image on this host, without a GPU: its torch is the CUDA build, gpu-check inside it
+# says there is no CUDA and exits 0, and runs every check with the CPU standing in (tests/deploy)
+image-cuda-test: venv image-cuda
+	HF_HUB_OFFLINE=1 BATCHSERVE_CUDA_IMAGE=$(CUDA_IMAGE) $(BIN)/python -m pytest -q -m slow tests/deploy/test_cuda_image.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

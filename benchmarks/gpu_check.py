@@ -18,10 +18,12 @@ with its reason:
   the CPU.
 * ``two-gpus``: with two or more GPUs, ``--devices cuda:0,cuda:1``: worker 0 on the first, worker
   1 on the second (each sees its own as ``cuda:0``; told apart by PCI bus id); else SKIP.
-* ``image``: the gpu overlay's image (``localhost/batchserve-cuda``) is not built by this
-  repository: SKIP, naming it.
+* ``image``: whether these checks ran inside the gpu overlay's worker image
+  (``localhost/batchserve-cuda``, ``make image-cuda``: ``BATCHSERVE_TORCH_VARIANT=cuda`` is set
+  there) on its CUDA build of torch: PASS there, naming torch's version and CUDA version; SKIP
+  elsewhere, with the command that runs this script inside that image.
 
-On a host without CUDA it says so and exits 0.  ``--device cpu`` runs the same checks with
+On a host without CUDA it says so, naming the torch build it found, and exits 0.  ``--device cpu`` runs the same checks with
 the CPU standing in for the GPU (the comparisons are then CPU against CPU): how the checks
 themselves are tested on a machine without a GPU.  Exit status: 1 if any check failed.
 """
@@ -286,9 +288,34 @@ def check_two_gpus(device: str) -> Check:
     return Check("two-gpus", "PASS", f"worker 0 on cuda:0 ({expected['0']}), worker 1 on cuda:1 ({expected['1']})")
 
 
-def check_image() -> Check:
-    return Check("image", "SKIP", "the gpu overlay's image localhost/batchserve-cuda (a CUDA torch) is not built by this "
-                 "repository (docs/kubernetes.md); run this script inside it once it is")
+#: the gpu overlay's worker image (`make image-cuda`), and how this script runs inside it on a GPU host
+CUDA_IMAGE = "localhost/batchserve-cuda:latest"
+IMAGE_COMMAND = (f"podman run --rm --device nvidia.com/gpu=all --entrypoint /opt/venv/bin/python {CUDA_IMAGE} "
+                 "benchmarks/gpu_check.py")
+#: set by deploy/Dockerfile: which torch build the image holds (cpu or cuda); unset outside the image
+VARIANT_ENV = "BATCHSERVE_TORCH_VARIANT"
+
+
+def check_image(device: str = "cuda") -> Check:
+    import torch
+
+    variant = os.environ.get(VARIANT_ENV)
+    build = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    if variant == "cuda":
+        if torch.version.cuda is None:
+            return Check("image", "FAIL", f"the CUDA worker image holds {build}")
+        return Check("image", "PASS", f"these checks ran inside the gpu overlay's worker image ({build}, on {device})")
+    if variant:
+        return Check("image", "SKIP", f"inside the {variant} image ({build}); the gpu overlay's workers run {CUDA_IMAGE}: "
+                     f"`make image-cuda`, then {IMAGE_COMMAND}")
+    return Check("image", "SKIP", f"run on the host ({build}), not in the gpu overlay's worker image: `make image-cuda`, "
+                 f"then {IMAGE_COMMAND}")
+
+
+def where() -> str:
+    """Where this script runs: the host, or an image of deploy/Dockerfile and its torch build."""
+    variant = os.environ.get(VARIANT_ENV)
+    return f"inside the {variant} image" if variant else "on the host"
 
 
 CHECKS = [check_cuda, check_process_spawn, check_process_embeddings, check_embeddings, check_generation, check_two_gpus]
@@ -336,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         absent = cuda_absent_reason()
         if absent is not None:
-            print(f"SKIP all: no CUDA on this host ({absent}); nothing checked")
+            print(f"SKIP all: no CUDA on this host ({absent}; {where()}); nothing checked")
             return 0
     started = time.monotonic()
     results = run_checks(args.device, args.only)
-    if not args.only:
-        print(check_image().line())
     failed = [result.name for result in results if result.status == "FAIL"]
+    if not args.only:
+        image = check_image(args.device)
+        print(image.line())
+        if image.status == "FAIL":
+            failed.append(image.name)
     print(f"{'FAIL' if failed else 'PASS'} gpu-check on {args.device}: {len(results) - len(failed)} of {len(results)} "
           f"checks without failure{' (failed: ' + ', '.join(failed) + ')' if failed else ''} in {time.monotonic() - started:.0f} s")
     return 1 if failed else 0

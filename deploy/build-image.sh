@@ -2,14 +2,16 @@
 # Build deploy/Dockerfile (what `make image` runs), from the repository root.
 #
 #   IMAGE=batchserve:latest   the tag to build
+#   TORCH_VARIANT=cpu|cuda    cpu (default): the CPU build of torch; cuda: PyPI's CUDA build
+#                             (`make image-cuda`, the gpu overlay's worker image)
 #   BASE_IMAGE=...            the base; default python:3.11-slim, and when that cannot be
 #                             pulled, a local Debian bookworm base (deploy/base-image.sh)
 #   ENGINE=docker|buildah     default: docker when a daemon answers, else buildah
 #   PIP_SOURCES=host|none     host (default): pass the host's pip sources (pip config list:
 #                             indexes, find-links, CA bundle) into the build, mounting the local
 #                             paths they name (buildah; docker gets only URL sources)
-#   TORCH_INDEX_URL=...       default: PyTorch's CPU index when it answers, else empty
-#                             (torch==2.13.0+cpu from the pip sources)
+#   TORCH_INDEX_URL=...       the CPU build's: default PyTorch's CPU index when it answers, else
+#                             empty (torch==2.13.0+cpu from the pip sources); unused with cuda
 #   WARM_CACHES=1|0           1 (the Dockerfile's default): fill the app's caches at build time
 set -eu
 cd "$(dirname "$0")/.."
@@ -19,6 +21,11 @@ DEFAULT_BASE=python:3.11-slim
 LOCAL_BASE=localhost/batchserve-base:bookworm
 PIP_SOURCES=${PIP_SOURCES:-host}
 PYTORCH_CPU=https://download.pytorch.org/whl/cpu
+TORCH_VARIANT=${TORCH_VARIANT:-cpu}
+case "$TORCH_VARIANT" in
+    cpu|cuda) ;;
+    *) echo "TORCH_VARIANT=$TORCH_VARIANT: cpu or cuda" >&2; exit 2 ;;
+esac
 
 if [ -z "${ENGINE:-}" ]; then
     if command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; then
@@ -67,7 +74,9 @@ if [ "$PIP_SOURCES" = host ]; then
         mounts=""
     fi
 fi
-if [ -z "${TORCH_INDEX_URL+set}" ]; then
+if [ "$TORCH_VARIANT" = cuda ]; then
+    TORCH_INDEX_URL=""  # the Dockerfile's framework-cuda stage: torch===2.13.0 from PyPI
+elif [ -z "${TORCH_INDEX_URL+set}" ]; then
     if python3 -c "import urllib.request; urllib.request.urlopen('$PYTORCH_CPU/torch/', timeout=10)" 2>/dev/null; then
         TORCH_INDEX_URL=$PYTORCH_CPU
     else
@@ -76,11 +85,16 @@ if [ -z "${TORCH_INDEX_URL+set}" ]; then
     fi
 fi
 echo "pip options: ${pip_options:-(none)}"
-echo "torch index: ${TORCH_INDEX_URL:-(the pip sources)}"
+if [ "$TORCH_VARIANT" = cuda ]; then
+    echo "torch: 2.13.0, the CUDA build, from PyPI (with the pip sources)"
+else
+    echo "torch index: ${TORCH_INDEX_URL:-(the pip sources)}"
+fi
 
 # ---- build
 set -- --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "PIP_OPTIONS=$pip_options" \
-    --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" -f deploy/Dockerfile -t "$IMAGE"
+    --build-arg "TORCH_VARIANT=$TORCH_VARIANT" --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" \
+    -f deploy/Dockerfile -t "$IMAGE"
 if [ -n "${WARM_CACHES:-}" ]; then
     set -- "$@" --build-arg "WARM_CACHES=$WARM_CACHES"
 fi
@@ -95,4 +109,4 @@ else
     buildah bud --isolation chroot --layers --format docker \
         --ignorefile deploy/Dockerfile.dockerignore "$@" .
 fi
-echo "built $IMAGE in $(( $(date +%s) - started )) s"
+echo "built $IMAGE ($TORCH_VARIANT torch) in $(( $(date +%s) - started )) s"
