@@ -175,7 +175,7 @@ def section(rounds: list[dict], lines: int, duration: float, command: str, load:
   line (the issue's 100 000 would take about {100_000 / max(figure("run-batch"), 1) / 60:.0f} minutes a round here); the online server
   gets the load generator's own pool of 256 of them; each in its default layout (the server: the process backend, one
   single-threaded worker per core; run-batch: the model on a thread of its process, with both cores); {len(rounds)}
-  rounds, each running the three in turn (the server stays up), medians shown; the ratios are the medians of each round's
+  rounds, each running the three in turn (the server stays up), medians shown; the ratios are the medians of each round's ratio
 
 {markdown_table(["system", "run", "sentences/s (median)", "each round", "notes"], rows)}
 
