@@ -125,8 +125,9 @@ bench-redis: venv system-deps
 bench-backlog: venv system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/backlog.py
 
-# batch jobs (issue 22): run-batch vs the online server at c=64 vs the runtime's length-sorted
-# ceiling, embeddings, rounds taking turns; BENCH_BATCH_ARGS='--lines 100000' for the issue's size
+# batch jobs (issue 22): embeddings, run-batch vs the online server at c=64 vs the runtime's length-sorted
+# ceiling; generation, run-batch vs the online server at c=32 on 500 chat prompts; rounds taking turns;
+# BENCH_BATCH_ARGS='--lines 100000' for the issue's size, '--part embeddings|generation' for one part
 .PHONY: bench-batch
 bench-batch: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_batch.py $(BENCH_BATCH_ARGS)
