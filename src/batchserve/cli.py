@@ -183,6 +183,13 @@ def serve(
     ssl_keyfile: Optional[str] = option("ssl_keyfile"),
     ssl_ca_certs: Optional[str] = option("ssl_ca_certs"),
     cors_origins: List[str] = option("cors_origins", "--cors-origins", show_default=False),
+    batch_api: bool = option("batch_api", "--batch-api/--no-batch-api"),
+    batch_dir: Optional[str] = option("batch_dir"),
+    batch_max_file_bytes: int = option("batch_max_file_bytes"),
+    batch_max_files: int = option("batch_max_files"),
+    batch_max_lines: int = option("batch_max_lines"),
+    batch_max_pending: int = option("batch_max_pending"),
+    batch_in_flight: int = option("batch_in_flight"),
 ) -> None:
     """Serve models over HTTP."""
     run_server(settings_from(**locals()))
@@ -414,6 +421,7 @@ def run_batch(
 
     from batchserve.batchjob.runner import JobError, JobOptions, errors_path, run_job
     from batchserve.logs import configure_logging
+    from batchserve.server.app import create_app
 
     job = {name: options.pop(name) for name in ("input_file", "output_file", "errors_file", "window", "in_flight", "quiet", "log_every")}
     settings = settings_from(options.pop("ctx"), options.pop("config"), **options)
@@ -427,7 +435,7 @@ def run_batch(
     configure_logging(settings.server.log_level.value)
     try:
         with exit_on_user_error():
-            status = run_job(settings, job_options)
+            status = run_job(settings, job_options, create_app)
     except JobError as error:
         typer.echo(f"batchserve run-batch: {error}", err=True)
         raise typer.Exit(error.status) from None

@@ -225,6 +225,17 @@ class ServerSettings(_Group):
         description="browser origins allowed to call the API from their pages (CORS), e.g. https://app.example.com, or *; "
         "repeatable, or separated by commas",
     )
+    batch_api: bool = Field(True, description="serve OpenAI's Batch API: /v1/files and /v1/batches (docs/batch.md)")
+    batch_dir: str | None = Field(
+        None, description="Batch API: where uploaded files, batches and their results are kept (default: batches/ in the cache dir)"
+    )
+    batch_max_file_bytes: int = Field(100_000_000, ge=1, description="Batch API: largest file POST /v1/files takes (413 past it)")
+    batch_max_files: int = Field(1000, ge=1, description="Batch API: most files kept (uploads past it get 400; results are always kept)")
+    batch_max_lines: int = Field(50_000, ge=1, description="Batch API: most requests in one batch (a larger input file fails the batch)")
+    batch_max_pending: int = Field(100, ge=1, description="Batch API: most batches not yet finished (POST /v1/batches past it gets 429)")
+    batch_in_flight: int = Field(
+        64, ge=1, description="Batch API: a batch's requests in the batchers at once (online requests are served before them)"
+    )
 
     @field_validator("api_keys")
     @classmethod

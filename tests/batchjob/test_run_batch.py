@@ -4,6 +4,7 @@ answers matter, users' models from tests/fakes.py where the test is about the jo
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -16,9 +17,10 @@ import numpy as np
 import orjson
 import pytest
 
-from batchserve.batchjob.lines import Done, read_done, scan_input
+from batchserve.batchjob.lines import Done, input_lines, read_done, scan_input
 from batchserve.batchjob.progress import Counts, Progress
-from batchserve.batchjob.runner import job_settings
+from batchserve.batchjob.runner import Job, JobOptions, LocalApp, job_settings
+from batchserve.priority import is_offline
 from batchserve.settings import BackendKind, Settings
 from tests.conftest import ROOT
 from tests.redis_fixtures import redis_server, start_worker, wait_for_workers  # noqa: F401  (fixtures)
@@ -360,3 +362,23 @@ def test_redis_backend_sends_the_batches_to_the_worker_fleet(tmp_path, redis_ser
         time.sleep(0.2)
     assert int(client.hget(consumers[0], "batches")) >= 200 // 64  # the worker ran them
     assert max(entry["response"]["body"]["outputs"][0] for entry in read(output)) > 1  # in batches
+
+
+def test_a_jobs_requests_are_offline_work(tmp_path):
+    """Everything a job submits is marked offline (batchserve.priority), so the batchers, the engine
+    and the Redis streams serve online requests first; the app called sees the mark."""
+    seen: list[bool] = []
+
+    async def app(scope, receive, send):
+        await receive()
+        seen.append(is_offline())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    source = write_lines(tmp_path / "in.jsonl", [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}} for i in range(5)
+    ])
+    options = JobOptions(input=source, output=tmp_path / "out.jsonl", errors=tmp_path / "err.jsonl", quiet=True)
+    counts = Counts(total=5)
+    asyncio.run(Job(LocalApp(app), options, counts, Progress(counts, quiet=True), deadline=5).run(input_lines(source), Done()))
+    assert seen == [True] * 5 and not is_offline()

@@ -9,6 +9,7 @@ the app fails the test as a 500 would.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from dataclasses import dataclass
 
 import httpx
@@ -23,7 +24,8 @@ from tests.conftest import in_process
 
 APPS = ["embeddings"]
 MODELS = ["tests.fakes:echo"]
-SETTINGS = Settings.from_options(apps=APPS, models=MODELS, max_body_bytes=200000, max_queue_size=100000)
+BATCH_DIR = tempfile.TemporaryDirectory(prefix="fuzz-batches-")  # the Batch API's files: not the user's cache
+SETTINGS = Settings.from_options(apps=APPS, models=MODELS, max_body_bytes=200000, max_queue_size=100000, batch_dir=BATCH_DIR.name)
 # The spec the app publishes (the same factory builds both; no model is loaded here).
 schema = schemathesis.openapi.from_dict(create_app(SETTINGS).openapi())
 

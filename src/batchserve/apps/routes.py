@@ -31,15 +31,16 @@ def who_serves(path: str) -> str | None:
     if path == "/":
         return None
     for app, routes in APP_ROUTES.items():
-        if any(_matches(route, path) for route in routes):
+        if any(matches(route, path) for route in routes):
             return f"--app {app}"
     if path in SHARED_ROUTES:
         return " or ".join(f"--app {app}" for app in SHARED_ROUTES[path])
-    if any(_matches(route, path) for route in MODEL_ROUTES):
+    if any(matches(route, path) for route in MODEL_ROUTES):
         return "--model module:attr"
     return None
 
 
-def _matches(route: str, path: str) -> bool:
+def matches(route: str, path: str) -> bool:
+    """Whether ``path`` is one of ``route``'s (its ``{name}`` parts: one path segment each)."""
     pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]+\})", route))
     return re.fullmatch(pattern, path) is not None

@@ -147,7 +147,7 @@ def scan_input(path: Path, done: Done) -> Scan:
     hashes = array("q")
     for number, raw in input_lines(path):
         scan.lines += 1
-        custom_id = _custom_id(raw)
+        custom_id = custom_id_of(raw)
         if custom_id is None:
             scan.to_run += number not in done.lines
             continue
@@ -157,14 +157,15 @@ def scan_input(path: Path, done: Done) -> Scan:
     if repeated:
         seen: dict[str, list[int]] = {}
         for number, raw in input_lines(path):
-            custom_id = _custom_id(raw)
+            custom_id = custom_id_of(raw)
             if custom_id is not None and hash(custom_id) in repeated:
                 seen.setdefault(custom_id, []).append(number)
         scan.duplicates = {custom_id: lines for custom_id, lines in seen.items() if len(lines) > 1}
     return scan
 
 
-def _custom_id(raw: bytes) -> str | None:
+def custom_id_of(raw: bytes) -> str | None:
+    """The line's custom_id (None: not a JSON object with one)."""
     try:
         entry = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +44,7 @@ from batchserve.batchjob.lines import (
     scan_input,
 )
 from batchserve.batchjob.progress import Counts, Progress
+from batchserve.priority import offline
 from batchserve.settings import BackendKind, Settings
 
 #: exit status of a job that could not start its models (serve's own: batchserve.server.app.CANNOT_SERVE)
@@ -84,7 +85,7 @@ def job_settings(settings: Settings) -> Settings:
     has little to do, a thread with every core ran 10-15 % more lines, docs/batch.md)."""
     server = settings.server.model_copy(update={
         "http_workers": 1, "metrics": False, "docs": False, "api_keys": [], "api_key_file": None,
-        "ssl_certfile": None, "ssl_keyfile": None, "ssl_ca_certs": None, "cors_origins": [],
+        "ssl_certfile": None, "ssl_keyfile": None, "ssl_ca_certs": None, "cors_origins": [], "batch_api": False,
     })
     backend = settings.backend if settings.backend is not None else BackendKind.thread
     return settings.model_copy(update={"server": server, "backend": backend})
@@ -93,11 +94,18 @@ def job_settings(settings: Settings) -> Settings:
 # --------------------------------------------------------------------------- the app, in process
 
 
-class LocalApp:
-    """An ASGI application called in this process: one POST, its status, content type and body."""
+#: a scope key set on the requests a job makes in a server's own process (the Batch API): the
+#: API key was checked when the batch was created (:mod:`batchserve.server.auth`)
+INTERNAL_SCOPE = "batchserve.internal"
 
-    def __init__(self, app: Any):
+
+class LocalApp:
+    """An ASGI application called in this process: one POST, its status, content type and body.
+    ``scope``: keys added to each request's scope."""
+
+    def __init__(self, app: Any, scope: dict[str, Any] | None = None):
         self.app = app
+        self.scope = scope or {}
 
     async def post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, str, bytes]:
         finished = asyncio.Event()
@@ -128,7 +136,7 @@ class LocalApp:
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "headers": [*headers, (b"content-length", str(len(body)).encode())],
-            "client": ("run-batch", 0), "server": ("run-batch", 0),
+            "client": ("run-batch", 0), "server": ("run-batch", 0), **self.scope,
         }
         try:
             await self.app(scope, receive, send)
@@ -179,7 +187,8 @@ class Job:
 
     async def run(self, lines: Iterable[tuple[int, bytes]], done: Done) -> None:
         options = self.options
-        with open_appending(options.output) as self.out, open_appending(options.errors) as self.err:
+        # every request a job makes is offline work: online requests are served first (docs/batch.md)
+        with offline(), open_appending(options.output) as self.out, open_appending(options.errors) as self.err:
             slots = asyncio.Semaphore(options.in_flight)
             ticker = asyncio.create_task(self._tick())
             try:
@@ -271,23 +280,21 @@ def prepare(options: JobOptions) -> tuple[Done, Counts]:
     return done, Counts(total=scan.to_run, before=scan.lines - scan.to_run)
 
 
-def run_job(settings: Settings, options: JobOptions) -> int:
-    """Run the job; its exit status (0: every line answered or reported)."""
+def run_job(settings: Settings, options: JobOptions, create_app: Callable[[Settings], Any]) -> int:
+    """Run the job through the app ``create_app(settings)`` builds (the server's,
+    :func:`batchserve.server.app.create_app`); its exit status (0: every line answered or reported)."""
     done, counts = prepare(options)
     progress = Progress(counts, quiet=options.quiet, every=options.log_every)
     if counts.total == 0:
         if not options.quiet:
             progress.echo(f"run-batch: nothing to run: the {counts.before} lines of {options.input} are in the output already")
         return 0
-    return asyncio.run(_run(job_settings(settings), options, done, counts, progress))
+    return asyncio.run(_run(create_app(job_settings(settings)), settings.server.grace, options, done, counts, progress))
 
 
-async def _run(settings: Settings, options: JobOptions, done: Done, counts: Counts, progress: Progress) -> int:
-    from batchserve.server.app import create_app
-
-    application = create_app(settings)
+async def _run(application: Any, grace: float, options: JobOptions, done: Done, counts: Counts, progress: Progress) -> int:
     services = application.state.services
-    job = Job(LocalApp(application), options, counts, progress, deadline=settings.batching.max_timeout)
+    job = Job(LocalApp(application), options, counts, progress, deadline=application.state.settings.batching.max_timeout)
     loop = asyncio.get_running_loop()
     signals = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "stopped (SIGTERM)"}
     try:
@@ -307,7 +314,7 @@ async def _run(settings: Settings, options: JobOptions, done: Done, counts: Coun
         for number in signals:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(number)
-        await asyncio.gather(*(s.close(settings.server.grace) for s in services), return_exceptions=True)
+        await asyncio.gather(*(s.close(grace) for s in services), return_exceptions=True)
     if not options.quiet:
         progress.echo(progress.summary(str(options.output), str(options.errors), job.stopping))
     if job.stopping:

@@ -30,6 +30,7 @@ import batchserve
 from batchserve.apps import build_services
 from batchserve.apps.base import Service
 from batchserve.server import auth, dashboard, model_list, pages, tokenize
+from batchserve.server.batches import UPLOAD_PATH, add_batch_api, upload_limit
 from batchserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from batchserve.server.json_response import FastJSONResponse
 from batchserve.server.limits import BodyLimitMiddleware
@@ -51,9 +52,13 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
             _start_all(services, lambda message: _cannot_serve(app, message), lambda: _ready(app))
         )
         app.state.loading = loading
+        if batches is not None:
+            batches.start()
         try:
             yield
         finally:
+            if batches is not None:  # its requests in flight finish first, within the grace
+                await batches.close(settings.server.grace)
             loading.cancel()
             await asyncio.gather(*(s.close(settings.server.grace) for s in services), return_exceptions=True)
 
@@ -81,6 +86,8 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
     if any(service.tokenizes for service in services):
         app.include_router(tokenize.build_router(services), responses=ERROR_RESPONSES)
     _add_health_routes(app, services)
+    batches = add_batch_api(app, settings, services, lambda: _started(app, services)) if settings.server.batch_api else None
+    larger = {UPLOAD_PATH: upload_limit(settings)} if batches is not None else {}
     pages.add_pages(app, services, docs=settings.server.docs, metrics=settings.server.metrics)
     refused = None
     if settings.server.metrics:
@@ -93,7 +100,7 @@ def create_app(settings: Settings | None = None, services: Iterable[Service] | N
         _add_metrics_route(app, metrics)
         app.include_router(dashboard.build_router(metrics, batchers))
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, larger=larger)
     _add_access_control(app, settings, keys, refused)
     return app
 
@@ -169,6 +176,13 @@ async def _start_all(
         return
     log.info("ready: %s", ", ".join(service.name for service in services))
     ready()
+
+
+async def _started(app: FastAPI, services: list[Service]) -> bool:
+    """Once the models have loaded: whether every service started."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(app.state.loading)
+    return app.state.loading.done() and not any(service.error for service in services)
 
 
 def _ready(app: FastAPI) -> None:

@@ -10,6 +10,9 @@ What needs no key (:data:`PUBLIC_PATHS`, :data:`PAGE_PATHS`):
 
 * ``/healthz`` and ``/readyz``, for probes and load balancers (``/readyz`` shows no key);
 * ``/metrics`` with ``--public-metrics``, for a Prometheus scraper;
+* a batch's own requests, made in this process (the Batch API: the key was checked when the
+  batch was created; the scope key :data:`~batchserve.batchjob.runner.INTERNAL_SCOPE`, which no
+  client can set);
 * the pages a browser opens (the editor at ``/``, ``/dashboard``) and their script and style
   files: static files holding no data, which the browser must load before the page can ask for
   the key.  Everything they fetch (``/autocomplete``, ``/dashboard/stats``) needs it.
@@ -34,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batchserve.batchjob.runner import INTERNAL_SCOPE
 from batchserve.server.errors import error_content
 from batchserve.server.json_response import dumps
 from batchserve.settings import ServerSettings, key_problem
@@ -151,7 +155,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan" or scope["path"] in self.public:
+        if kind == "lifespan" or scope["path"] in self.public or scope.get(INTERNAL_SCOPE):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)
