@@ -109,9 +109,7 @@ def _router(store: Store, queue: BatchQueue, served: list[str]) -> APIRouter:
 
     @router.get("/v1/files", summary="The files kept")
     async def list_files(purpose: str | None = None):
-        data = await asyncio.to_thread(store.files, purpose)
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return _page(await asyncio.to_thread(store.files, purpose), has_more=False)
 
     @router.get("/v1/files/{file_id}", summary="A file's object")
     async def get_file(request: Request, file_id: str):
@@ -163,9 +161,7 @@ def _router(store: Store, queue: BatchQueue, served: list[str]) -> APIRouter:
         if after is not None:
             ids = [b["id"] for b in batches]
             batches = batches[ids.index(after) + 1:] if after in ids else []
-        data = batches[:limit]
-        return {"object": "list", "data": data, "has_more": len(batches) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return _page(batches[:limit], has_more=len(batches) > limit)
 
     @router.get("/v1/batches/{batch_id}", summary="A batch: its status, counts and result files")
     async def get_batch(request: Request, batch_id: str):
@@ -186,3 +182,8 @@ def _router(store: Store, queue: BatchQueue, served: list[str]) -> APIRouter:
 
     return router
 
+
+def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's list page (the client's cursor pages read ``has_more`` and ``last_id``)."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
