@@ -16,3 +16,11 @@ def lm():
     torch.set_num_threads(1)
     yield TorchCausalLM.load()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def own_lm(lm):
+    """A runtime of its own over the same weights, for a test that starts its own engine: a
+    runtime's sequences belong to one engine, and the module's engine may still be dropping the
+    rows of an earlier test's cancelled requests."""
+    return TorchCausalLM(lm.model, lm.tokenizer, lm.model_name, lm.load_info)

@@ -113,10 +113,10 @@ async def test_many_queued_calls_take_turns_with_decode_steps(engine):
     await running.result()
 
 
-async def test_rows_past_their_deadline_do_not_count_against_the_token_bound(lm):
+async def test_rows_past_their_deadline_do_not_count_against_the_token_bound(own_lm):
     """A request whose deadline has passed is going (its rows are dropped before the next
     admission): a request sent right after its 504 is not refused as overloaded meanwhile."""
-    engine = GenerationEngine(lm, EngineLimits(max_rows=4, max_kv_tokens=400))
+    engine = GenerationEngine(own_lm, EngineLimits(max_rows=4, max_kv_tokens=400))
     engine.start()
     try:
         prompt = engine.encode("Count slowly:")
@@ -359,10 +359,10 @@ async def test_constrained_and_free_rows_share_steps_and_each_get_what_they_aske
         engine.constraints.compile(Constraint("regex", "(?=a)b"))
 
 
-async def test_an_online_request_takes_the_next_free_row_before_waiting_offline_ones(lm):
+async def test_an_online_request_takes_the_next_free_row_before_waiting_offline_ones(own_lm):
     """Rows go to waiting online requests first (batchserve.priority.offline marks a job's);
     offline work still runs when no online request waits."""
-    engine = GenerationEngine(lm, EngineLimits(max_rows=1))
+    engine = GenerationEngine(own_lm, EngineLimits(max_rows=1))
     engine.start()
     try:
         prompt = engine.encode("Count slowly:")
@@ -383,9 +383,9 @@ async def test_an_online_request_takes_the_next_free_row_before_waiting_offline_
         engine.stop()
 
 
-async def test_offline_requests_never_make_an_online_one_find_the_engine_full(lm):
+async def test_offline_requests_never_make_an_online_one_find_the_engine_full(own_lm):
     """Online requests count the online rows waiting; offline ones count both lanes."""
-    engine = GenerationEngine(lm, EngineLimits(max_rows=1, max_waiting_rows=2))
+    engine = GenerationEngine(own_lm, EngineLimits(max_rows=1, max_waiting_rows=2))
     engine.start()
     holding = threading.Event()
 

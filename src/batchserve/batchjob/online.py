@@ -75,14 +75,16 @@ class BatchQueue:
         """Stop: the running batch's requests in flight get ``grace`` seconds; it stays
         ``in_progress`` for the next start."""
         self.closing = True
-        if self.job is not None:
-            self.job.stop("the server stops")
-        if self.task is not None:
+        job = self.job
+        if self.task is None:
+            return
+        if job is not None:  # the job ends once what it has in flight is answered; then the loop ends
+            job.stop("the server stops")
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self.task), grace)
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        self.task.cancel()  # idle (waiting for a batch) or past the grace: nothing to wait for
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
     async def cancel_waiting(self, batch_id: str) -> None:
         """A batch that no process runs yet ends ``cancelled`` now; one that runs sees its cancel

@@ -103,7 +103,7 @@ async def check_served(client: httpx.AsyncClient, plan: LoadPlan, base: str) -> 
 
 
 async def _served_routes(client: httpx.AsyncClient, base: str) -> list[str] | None:
-    """The POST paths of the server's OpenAPI document; None without one."""
+    """The POST paths of the server's OpenAPI document a load could target; None without one."""
     try:
         response = await client.get(f"{base}/openapi.json", timeout=10)
         paths = response.json()["paths"] if response.status_code == 200 else None
@@ -111,7 +111,13 @@ async def _served_routes(client: httpx.AsyncClient, base: str) -> list[str] | No
         return None
     if not isinstance(paths, dict):
         return None
-    return [path for path, operations in paths.items() if isinstance(operations, dict) and "post" in operations]
+    return [path for path, operations in paths.items() if isinstance(operations, dict) and _load_target(operations.get("post"))]
+
+
+def _load_target(operation: object) -> bool:
+    """A POST operation a load could be aimed at: not the Batch API's (tagged ``batch``: file
+    uploads and job control, docs/batch.md)."""
+    return isinstance(operation, dict) and "batch" not in operation.get("tags", [])
 
 
 async def _listed(client: httpx.AsyncClient, url: str, names) -> list[str]:
