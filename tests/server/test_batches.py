@@ -184,3 +184,15 @@ def test_a_server_stopped_mid_batch_finishes_it_when_started_again(tmp_path):
     finally:
         second.stop()
     assert len(answered) == len(set(answered)) == len(lines)  # every line once, none twice
+
+
+def test_a_server_with_no_batch_running_stops_at_once(tmp_path):
+    """The grace is for a running batch's requests: an idle Batch API does not wait it out."""
+    server = ServerProcess("--model", "tests.fakes:double", "--batch-dir", str(tmp_path), "--grace", "30")
+    try:
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
