@@ -7,10 +7,12 @@ as several passes; an error splits a batch to find its bad items).
 Request metrics are recorded by a small ASGI middleware; batcher figures are read from
 :class:`~batchserve.batching.BatcherStats` at scrape time, so the batching path pays nothing.
 
-A backend whose work queues elsewhere (redis: the model's request stream) has its backlog
-sampled at scrape time too (:class:`BacklogSampler`: one round trip per model, at most every
-:data:`BACKLOG_MAX_AGE` seconds, never per request): ``batchserve_stream_entries`` (the
-autoscaling signal), ``batchserve_stream_pending`` and ``batchserve_stream_workers``.
+A backend whose work queues elsewhere (redis: the model's request streams, online and
+offline) has its backlog sampled at scrape time too (:class:`BacklogSampler`: one round trip per
+model, at most every :data:`BACKLOG_MAX_AGE` seconds, never per request):
+``batchserve_stream_entries`` (the autoscaling signal), ``batchserve_stream_pending`` and
+``batchserve_stream_workers``; of the first two, the offline stream's share (batch jobs') in
+``batchserve_stream_offline_entries`` and ``batchserve_stream_offline_pending``.
 """
 
 from __future__ import annotations
@@ -59,22 +61,36 @@ class BacklogSampler:
             self._sampled = time.monotonic()
 
     def collect(self):
-        entries = GaugeMetricFamily(
-            "batchserve_stream_entries",
-            "Batches in the model's request stream: waiting for a worker or being computed (the autoscaling signal)",
-            labels=["model"],
-        )
-        pending = GaugeMetricFamily(
-            "batchserve_stream_pending", "Batches read by a worker from the request stream, not yet answered",
-            labels=["model"],
-        )
-        workers = GaugeMetricFamily("batchserve_stream_workers", "Live workers serving the model's request stream",
-                                    labels=["model"])
+        gauges = {
+            "entries": GaugeMetricFamily(
+                "batchserve_stream_entries",
+                "Batches in the model's request streams, online and offline: waiting for a worker or being computed"
+                " (the autoscaling signal)",
+                labels=["model"],
+            ),
+            "pending": GaugeMetricFamily(
+                "batchserve_stream_pending",
+                "Batches read by a worker from the model's request streams, online and offline, not yet answered",
+                labels=["model"],
+            ),
+            "workers": GaugeMetricFamily(
+                "batchserve_stream_workers", "Live workers serving the model's request streams", labels=["model"]
+            ),
+            "offline_entries": GaugeMetricFamily(
+                "batchserve_stream_offline_entries",
+                "Of batchserve_stream_entries, those in the offline stream (batch jobs' work)",
+                labels=["model"],
+            ),
+            "offline_pending": GaugeMetricFamily(
+                "batchserve_stream_offline_pending",
+                "Of batchserve_stream_pending, those read from the offline stream",
+                labels=["model"],
+            ),
+        }
         for name, sample in self.samples.items():
-            entries.add_metric([name], sample.entries)
-            pending.add_metric([name], sample.pending)
-            workers.add_metric([name], sample.workers)
-        yield from (entries, pending, workers)
+            for field, gauge in gauges.items():
+                gauge.add_metric([name], getattr(sample, field))
+        yield from gauges.values()
 
 
 class BatcherCollector:

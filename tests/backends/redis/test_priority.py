@@ -14,6 +14,7 @@ from batchserve.backends.redis.front import RedisBackend
 from batchserve.backends.redis.protocol import GROUP, StreamKeys, ensure_group
 from batchserve.backends.redis.worker import StreamWorker, serve_batchers
 from batchserve.priority import offline
+from batchserve.server.metrics import BacklogSampler
 from tests.fakes import RecordingModel, double
 from tests.redis_fixtures import needs_redis, redis_server  # noqa: F401 - fixtures
 
@@ -42,6 +43,11 @@ async def test_an_online_batch_overtakes_a_jobs_backlog_on_the_worker_fleet(redi
         assert await client.xlen(keys.requests) == 0 and await client.xlen(keys.offline_requests) > 0
         seen = await front.backend.backlog()
         assert seen.entries == seen.offline_entries > 0 and seen.pending == seen.offline_pending and seen.workers == 1
+        sampler = BacklogSampler(lambda: [front])  # /metrics: the offline share has gauges of its own
+        await sampler.refresh()
+        gauges = {family.name: family.samples[0].value for family in sampler.collect()}
+        assert gauges["batchserve_stream_offline_entries"] == gauges["batchserve_stream_entries"] > 0
+        assert gauges["batchserve_stream_offline_pending"] == gauges["batchserve_stream_pending"]
 
         started = time.perf_counter()
         assert await front.submit([1000]) == [2000]
