@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from pydantic import BaseModel, Field
 
 from batchserve.batchjob.lines import Done, input_lines, read_done, scan_input
 from batchserve.batchjob.progress import Counts, Progress
@@ -382,3 +383,92 @@ def test_a_jobs_requests_are_offline_work(tmp_path):
     counts = Counts(total=5)
     asyncio.run(Job(LocalApp(app), options, counts, Progress(counts, quiet=True), deadline=5).run(input_lines(source), Done()))
     assert seen == [True] * 5 and not is_offline()
+
+
+# --------------------------------------------------------------------------- the direct call
+
+
+class Texts(BaseModel):
+    texts: list[str] = Field(min_length=1)
+
+
+def direct_app():
+    """An app as create_app builds one (error handlers, body limit): a JSON route of the apps'
+    kind that raises each kind of error on demand, and a route of another kind."""
+    from fastapi import APIRouter, Depends, FastAPI
+
+    from batchserve.apps.base import deadline_dependency
+    from batchserve.errors import InputError, OverloadedError
+    from batchserve.server.errors import install_error_handlers
+    from batchserve.server.json_response import FastJSONResponse
+    from batchserve.server.json_route import JSONBodyRoute
+    from batchserve.server.limits import BodyLimitMiddleware
+
+    app = FastAPI()
+    install_error_handlers(app)
+    router = APIRouter(route_class=JSONBodyRoute)
+    timeout = deadline_dependency(Settings())
+
+    @router.post("/items/{name}")
+    async def items(name: str, body: Texts, seconds: float = Depends(timeout)):
+        if body.texts[0] == "refuse":
+            raise InputError("the first text says refuse", param="texts")
+        if body.texts[0] == "full":
+            raise OverloadedError(retry_after=2.5)
+        if body.texts[0] == "crash":
+            raise RuntimeError("secret detail")
+        return FastJSONResponse({"name": name, "texts": body.texts, "seconds": seconds})
+
+    @app.post("/other")
+    async def other(body: Texts):
+        return {"other": body.texts}
+
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=200)
+    return app
+
+
+JSON = [(b"content-type", b"application/json")]
+DIRECT_REQUESTS = [  # (path, body, headers, whether the route is called directly)
+    ("/items/a", b'{"texts": ["x", "y"]}', JSON, True),
+    ("/items/b", b'{"texts": ["x"]}', [*JSON, (b"x-request-timeout", b"2.5")], True),
+    ("/items/c", b'{"texts": ["refuse"]}', JSON, True),
+    ("/items/d", b'{"texts": ["full"]}', JSON, True),
+    ("/items/e", b'{"texts": ["crash"]}', JSON, True),
+    ("/items/f", b'{"texts": []}', JSON, False),  # does not validate: the whole app answers 422
+    ("/items/g", b"{not json", JSON, False),
+    ("/items/h", b'{"texts": ["' + b"x" * 300 + b'"]}', JSON, False),  # over the body limit: 413
+    ("/items/i", b'{"texts": ["x"]}', [(b"content-type", b"text/plain")], False),
+    ("/other", b'{"texts": ["x"]}', JSON, False),
+    ("/nowhere", b'{"texts": ["x"]}', JSON, False),
+]
+
+
+@pytest.mark.parametrize("path, body, headers, direct", DIRECT_REQUESTS, ids=[r[0] for r in DIRECT_REQUESTS])
+def test_local_app_calls_json_routes_directly_and_answers_as_the_app_does(path, body, headers, direct, monkeypatch):
+    """A job's line skips the middleware and the router when its route can be called directly
+    (the job's CPU is the model's on a small machine: docs/batch.md); every answer, errors
+    included, is the one a client gets from the whole app over HTTP."""
+    import httpx
+
+    async def both():
+        app = direct_app()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://run-batch") as client:
+            reply = await client.post(path, content=body, headers=[(k.decode(), v.decode()) for k, v in headers])
+        whole = (reply.status_code, reply.headers.get("content-type", ""), orjson.loads(reply.content))
+        through_app = []
+        original = app.__call__
+
+        async def counting(scope, receive, send):
+            through_app.append(scope["path"])
+            await original(scope, receive, send)
+
+        monkeypatch.setattr(type(app), "__call__", lambda self, *args: counting(*args))
+        local = LocalApp(app, max_body_bytes=200)
+        status, content_type, answer = await local.post(path, body, headers)
+        return whole, (status, content_type, orjson.loads(answer)), through_app
+
+    whole, local, through_app = asyncio.run(both())
+    assert local == whole
+    assert through_app == ([] if direct else [path])

@@ -50,6 +50,13 @@ def results(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
 
 
+def http_requests(server, route: str) -> float:
+    """The HTTP requests /metrics has counted on ``route``, every status."""
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    prefix = f'batchserve_request_duration_seconds_count{{route="{route}",'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 @pytest.fixture(scope="module")
 def batch_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("batches")
@@ -69,7 +76,8 @@ def client(server):
         yield client
 
 
-def test_a_batch_runs_through_the_routes_and_its_results_are_the_routes_answers(client, tmp_path):
+def test_a_batch_runs_through_the_routes_and_its_results_are_the_routes_answers(server, client, tmp_path):
+    counted = http_requests(server, "/v1/embeddings")
     lines = embedding_lines(40)
     bad = ["{not json", {"custom_id": "empty", "method": "POST", "url": "/v1/embeddings", "body": {"input": ""}}]
     uploaded = client.files.create(file=write_lines(tmp_path / "in.jsonl", lines + bad).open("rb"), purpose="batch")
@@ -91,6 +99,7 @@ def test_a_batch_runs_through_the_routes_and_its_results_are_the_routes_answers(
     (fifth,) = [line for line in answered if line["custom_id"] == "doc-5"]
     assert fifth["response"]["status_code"] == 200
     assert np.allclose(fifth["response"]["body"]["data"][0]["embedding"], online, atol=1e-5)
+    assert http_requests(server, "/v1/embeddings") == counted + 1  # the batch's lines are not HTTP requests
 
     errors = {line["custom_id"]: line for line in results(client, batch.error_file_id)}
     assert errors["empty"]["response"]["status_code"] == 422

@@ -53,9 +53,10 @@ class BatchQueue:
         deadline: float,
         ready: Callable[[], Awaitable[bool]],
         window: int = 1024,
+        max_body_bytes: int | None = None,
     ):
         self.store = store
-        self.local = LocalApp(app, scope={INTERNAL_SCOPE: True})
+        self.local = LocalApp(app, scope={INTERNAL_SCOPE: True}, max_body_bytes=max_body_bytes)
         self.in_flight = in_flight
         self.deadline = deadline
         self.ready = ready

@@ -71,7 +71,8 @@ def add_batch_api(app: FastAPI, settings: Settings, services: list[Service], rea
     except OSError as error:
         log.warning("the Batch API is off: %s (--batch-dir names where it keeps its files)", error)
         return None
-    queue = BatchQueue(store, app, in_flight=settings.server.batch_in_flight, deadline=settings.batching.max_timeout, ready=ready)
+    queue = BatchQueue(store, app, in_flight=settings.server.batch_in_flight, deadline=settings.batching.max_timeout, ready=ready,
+                       max_body_bytes=settings.server.max_body_bytes)
     served = [route.path for service in services for route in service.router.routes if isinstance(route, APIRoute)]
     app.include_router(_router(store, queue, served))
     return queue

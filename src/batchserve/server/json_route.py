@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Mapping
 from typing import Any, Callable, Coroutine
 
 import orjson
@@ -36,7 +37,18 @@ from starlette.responses import Response
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
+def is_plain_json(content_type: str | None) -> bool:
+    """Whether a Content-Type is ``application/json`` (parameters aside): the bodies the fast path takes."""
+    return content_type is not None and content_type.partition(";")[0].strip().lower() == "application/json"
+
+
 class JSONBodyRoute(APIRoute):
+    """``call_json(raw, path_params, header)``: the endpoint called without a request, for
+    callers in this process (a batch job): its Response, or None for a body it does not take
+    (the caller then sends the request through the app); the endpoint's exceptions are raised."""
+
+    call_json: Callable[[bytes, Mapping[str, str], Callable[[str], str | None]], Coroutine[Any, Any, Response | None]] | None = None
+
     def get_route_handler(self) -> Handler:
         fallback = super().get_route_handler()
         plan = _plan(self.endpoint, set(self.param_convertors))
@@ -45,9 +57,24 @@ class JSONBodyRoute(APIRoute):
         endpoint = self.endpoint
         body_name, model, path_names, headers = plan
 
+        async def call(raw: bytes, path: Mapping[str, str], header: Callable[[str], str | None]) -> Response | None:
+            """The endpoint's answer to a JSON body ``raw``, or None for a body it does not take as is."""
+            try:
+                body = model.model_validate(orjson.loads(raw))
+            except (orjson.JSONDecodeError, ValidationError):
+                return None
+            arguments = {body_name: body}
+            for name in path_names:
+                arguments[name] = path[name]
+            for name, (name_of_header, parse) in headers.items():
+                arguments[name] = parse(header(name_of_header))
+            response = await endpoint(**arguments)
+            if not isinstance(response, Response):
+                raise TypeError(f"{endpoint.__qualname__} must return a Response on a JSONBodyRoute")
+            return response
+
         async def handle(request: Request) -> Response:
-            content_type = request.headers.get("content-type")
-            if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+            if not is_plain_json(request.headers.get("content-type")):
                 return await fallback(request)
             try:
                 raw = await request.body()  # kept on the request: the fallback reads it again
@@ -55,21 +82,10 @@ class JSONBodyRoute(APIRoute):
                 raise
             except Exception:
                 return await fallback(request)
-            try:
-                body = model.model_validate(orjson.loads(raw))
-            except (orjson.JSONDecodeError, ValidationError):
-                return await fallback(request)
-            arguments = {body_name: body}
-            path = request.path_params
-            for name in path_names:
-                arguments[name] = path[name]
-            for name, (header, parse) in headers.items():
-                arguments[name] = parse(request.headers.get(header))
-            response = await endpoint(**arguments)
-            if not isinstance(response, Response):
-                raise TypeError(f"{endpoint.__qualname__} must return a Response on a JSONBodyRoute")
-            return response
+            response = await call(raw, request.path_params, request.headers.get)
+            return response if response is not None else await fallback(request)
 
+        self.call_json = call
         return handle
 
 

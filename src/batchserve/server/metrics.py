@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchserve.backends.base import Backlog
 from batchserve.batching import Batcher
+from batchserve.batchjob.runner import INTERNAL_SCOPE
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -161,14 +162,15 @@ class Metrics:
 
 
 class RequestMetricsMiddleware:
-    """Times each HTTP request by route template and status code."""
+    """Times each HTTP request by route template and status code (a ``/v1/batches`` batch's own
+    lines are not HTTP requests: its ``request_counts`` count them)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get(INTERNAL_SCOPE):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
