@@ -166,13 +166,15 @@ def section(rounds: list[dict], lines: int, duration: float, command: str, load:
         growth = median([b / a - 1 for a, b in zip(early, late)])
         memory = (f"\n- run-batch front RSS near the end vs past a tenth of the lines: **{100 * growth:+.1f} %** "
                   f"(target within 10 %): {met(abs(growth) <= 0.10)}")
+    size_note = "the issue's size" if lines >= 100_000 else (
+        f"the issue's 100 000 would take about {100_000 / max(figure('run-batch'), 1) / 60:.0f} minutes a round here")
     return f"""
 ## Batch jobs: run-batch vs online server vs the runtime's ceiling, embeddings — {now_utc()}
 
 - command: `{command}`
 - machine: {machine()} (shared with other jobs while measured: compare rows of this table only); {load}
 - the load generator's sentence mix (a quarter long): {lines} distinct sentences for the ceiling and the job, one a
-  line (the issue's 100 000 would take about {100_000 / max(figure("run-batch"), 1) / 60:.0f} minutes a round here); the online server
+  line ({size_note}); the online server
   gets the load generator's own pool of 256 of them; each in its default layout (the server: the process backend, one
   single-threaded worker per core; run-batch: the model on a thread of its process, with both cores); {len(rounds)}
   rounds, each running the three in turn (the server stays up), medians shown; the ratios are the medians of each round's ratio
