@@ -472,3 +472,25 @@ def test_local_app_calls_json_routes_directly_and_answers_as_the_app_does(path, 
     whole, local, through_app = asyncio.run(both())
     assert local == whole
     assert through_app == ([] if direct else [path])
+
+
+def test_a_window_is_sorted_by_length_except_for_models_that_do_not_pad_rows(tmp_path):
+    """Embeddings lines go shortest first (less padding); generation lines on llama.cpp, which
+    pads nothing, keep the file's order (sorting them cost about 5 %: docs/batch.md)."""
+    from batchserve.server.app import create_app
+
+    app = create_app(job_settings(Settings.from_options(apps=["embeddings", "generation"], generation_runtime="llama.cpp")))
+    local = LocalApp(app)
+    assert {"/v1/chat/completions", "/v1/completions", "/autocomplete"} <= local.in_file_order
+    assert "/v1/embeddings" not in local.in_file_order
+    torch = create_app(job_settings(Settings.from_options(apps=["generation"], generation_runtime="torch")))
+    assert not LocalApp(torch).in_file_order  # the torch runtime left-pads its rows: sorted
+
+    texts = ["a much longer text than the others", "short", "a medium text"]
+    entries = [line(f"e{i}", "/v1/embeddings", {"input": text}) for i, text in enumerate(texts)]
+    entries += [line(f"g{i}", "/v1/completions", {"prompt": text}) for i, text in enumerate(texts)]
+    source = write_lines(tmp_path / "in.jsonl", entries)
+    options = JobOptions(input=source, output=tmp_path / "out.jsonl", errors=tmp_path / "err.jsonl", window=6)
+    job = Job(local, options, Counts(total=6), Progress(Counts(total=6), quiet=True), deadline=5)
+    (window,) = job._windows(input_lines(source), Done())
+    assert [request.custom_id for request in window] == ["g0", "g1", "g2", "e1", "e2", "e0"]

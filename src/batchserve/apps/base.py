@@ -26,8 +26,13 @@ class Service:
     (more Prometheus collectors; one object shared by several services is registered
     once), :attr:`models` (listed by ``GET /v1/models``), :meth:`vocabularies` (the models
     ``/tokenize`` and ``/detokenize`` serve), :attr:`error` (set when :meth:`start` failed),
-    and the lifecycle methods below.
+    and the lifecycle methods below; a batch job reads :attr:`pads_rows`.
     """
+
+    #: whether the model runs a batch's rows padded to the longest: a batch job then sends
+    #: its lines sorted by length (:mod:`batchserve.batchjob.runner`); the generation engine
+    #: decodes rows of any length together, and its lines keep the file's order
+    pads_rows = True
 
     def __init__(
         self,

@@ -218,6 +218,11 @@ class GenerationService(Service):
         self.host = host
 
     @property
+    def pads_rows(self) -> bool:  # type: ignore[override]
+        """The runtime's own (llama.cpp: no; torch: left-padded rows)."""
+        return self.host.runtime.pads_rows
+
+    @property
     def models(self) -> list[str]:
         name = self.host.model_name
         return [name] if name else []

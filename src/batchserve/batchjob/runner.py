@@ -10,13 +10,13 @@ app's own error handlers): on 2 cores the job's front shares the CPU with the mo
 ran about 8 % more lines (docs/batch.md).
 
 The input is read twice, line by line: a first pass counts the lines still to run and refuses
-custom_ids given twice before anything runs (:func:`batchserve.batchjob.lines.scan_input`);
-the second reads a window of lines at a time, sorts it by length (similar lengths batch with
-less padding) and keeps at most ``in_flight`` requests in the batchers.  Each answer is appended
-to its file and flushed as it finishes; lines an earlier run wrote are skipped
-(:func:`~batchserve.batchjob.lines.read_done`).  A 503 or 429 (a full queue, no Redis worker
-yet) is tried again, with growing pauses, until the request's deadline; it is the job's own
-pressure, not the line's fault.
+custom_ids given twice before anything runs (:func:`batchserve.batchjob.lines.scan_input`); the
+second reads a window of lines at a time, sorts it by length (similar lengths batch with less
+padding; not for a model that does not pad rows) and keeps at most ``in_flight`` requests in the
+batchers. Each answer is appended to its file and flushed as it finishes; lines an earlier run
+wrote are skipped (:func:`~batchserve.batchjob.lines.read_done`). A 503 or 429 (a full queue, no
+Redis worker yet) is tried again, with growing pauses, until the request's deadline; it is the
+job's own pressure, not the line's fault.
 
 SIGINT or SIGTERM stops taking lines; what is in flight finishes and is written, then the job
 exits with 128 + the signal's number.  A second signal stops at once (nothing half-written).
@@ -118,6 +118,13 @@ class LocalApp:
         self.scope = scope or {}
         self.max_body_bytes = max_body_bytes
         self.direct: dict[str, tuple[Callable, dict[str, str]] | None] = {}
+        services = getattr(getattr(app, "state", None), "services", None) or []
+        #: routes whose lines a job keeps in the file's order: their model does not pad rows
+        #: (:attr:`batchserve.apps.base.Service.pads_rows`), so sorting saves nothing there
+        self.in_file_order = frozenset(
+            route.path for service in services if not service.pads_rows
+            for route in service.router.routes if hasattr(route, "path")
+        )
 
     async def post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, str, bytes]:
         scope = {
@@ -302,10 +309,16 @@ class Job:
                 continue
             window.append(request)
             if len(window) >= self.options.window:
-                yield sorted(window, key=lambda request: request.size)
+                yield sorted(window, key=self._order)
                 window = []
         if window:
-            yield sorted(window, key=lambda request: request.size)
+            yield sorted(window, key=self._order)
+
+    def _order(self, request: Request) -> int:
+        """A window's order: by length (similar lengths batch with less padding), but the file's
+        (a stable sort) for a route whose model does not pad rows (generation on llama.cpp ran
+        about 5 % faster so: docs/batch.md)."""
+        return 0 if request.url in self.app.in_file_order else request.size
 
     async def _run_one(self, request: Request) -> None:
         pause, waited = self.FIRST_PAUSE, 0.0

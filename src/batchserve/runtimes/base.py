@@ -76,6 +76,9 @@ class CausalLM(ABC):
 
     #: short name of the runtime ("torch", "llama.cpp")
     name: str = ""
+    #: whether the running rows are padded to a common length (then prompts of similar lengths
+    #: decode together with less padding: a batch job sorts its lines by length)
+    pads_rows: bool = True
     #: the served model's name (``/v1/models``, responses)
     model_name: str = "model"
     #: facts about how the model was loaded, for ``/readyz`` (path, seconds...)

@@ -80,6 +80,7 @@ class LlamaCausalLM(CausalLM):
     """A GGUF model run by llama.cpp on the CPU, sequences in slots of one unified KV cache."""
 
     name = "llama.cpp"
+    pads_rows = False  # one llama_decode takes each row's own tokens, no padding
 
     def __init__(
         self,
