@@ -106,7 +106,7 @@ class LocalApp:
     """An ASGI application called in this process: one POST, its status, content type and body.
     ``scope``: keys added to each request's scope.
 
-    A JSON body for a route that can be called directly (``call_json``: the apps' JSON routes,
+    A request for a route that can be called directly (``call_json``: the apps' JSON routes,
     :class:`batchserve.server.json_route.JSONBodyRoute`) skips the middleware and the router:
     the route validates the body and calls its endpoint, and an exception the endpoint raises
     is answered by the app's own handler for it.  Every other request, a body the route does not
@@ -149,9 +149,6 @@ class LocalApp:
 
     async def _call_directly(self, scope: dict[str, Any], body: bytes) -> Any:
         """The route's Response to a request it can take without the app, else None."""
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
-            return None
         if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
             return None
         path = scope["path"]
@@ -161,6 +158,7 @@ class LocalApp:
         if found is None:
             return None
         call, path_params = found
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         try:
             return await call(body, path_params, headers.get)
         except Exception as error:

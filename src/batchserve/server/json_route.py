@@ -37,15 +37,11 @@ from starlette.responses import Response
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def is_plain_json(content_type: str | None) -> bool:
-    """Whether a Content-Type is ``application/json`` (parameters aside): the bodies the fast path takes."""
-    return content_type is not None and content_type.partition(";")[0].strip().lower() == "application/json"
-
-
 class JSONBodyRoute(APIRoute):
     """``call_json(raw, path_params, header)``: the endpoint called without a request, for
-    callers in this process (a batch job): its Response, or None for a body it does not take
-    (the caller then sends the request through the app); the endpoint's exceptions are raised."""
+    callers in this process (a batch job): its Response, or None for a request it does not take
+    (not ``application/json``, or a body that does not validate: the caller then sends it
+    through the app); the endpoint's exceptions are raised."""
 
     call_json: Callable[[bytes, Mapping[str, str], Callable[[str], str | None]], Coroutine[Any, Any, Response | None]] | None = None
 
@@ -58,7 +54,10 @@ class JSONBodyRoute(APIRoute):
         body_name, model, path_names, headers = plan
 
         async def call(raw: bytes, path: Mapping[str, str], header: Callable[[str], str | None]) -> Response | None:
-            """The endpoint's answer to a JSON body ``raw``, or None for a body it does not take as is."""
+            """The endpoint's answer to a JSON body ``raw``, or None for a request it does not take as is."""
+            content_type = header("content-type")
+            if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+                return None
             try:
                 body = model.model_validate(orjson.loads(raw))
             except (orjson.JSONDecodeError, ValidationError):
@@ -74,8 +73,6 @@ class JSONBodyRoute(APIRoute):
             return response
 
         async def handle(request: Request) -> Response:
-            if not is_plain_json(request.headers.get("content-type")):
-                return await fallback(request)
             try:
                 raw = await request.body()  # kept on the request: the fallback reads it again
             except HTTPException:  # 413 from the body limit
