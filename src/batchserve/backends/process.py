@@ -505,8 +505,13 @@ _stderr_lock = threading.Lock()
 def _stderr_to_pipe() -> Iterator[tuple[int, int] | None]:
     """Within: file descriptor 2 is the write end of a new pipe, which a process started now
     takes as its stderr.  Yields ``(read end, a copy of the real stderr)``; None where there is
-    no stderr to swap."""
-    with _stderr_lock:
+    no stderr to swap.
+
+    The log handlers writing to stderr are held meanwhile: a line another thread logged in
+    the swap would go into the worker's pipe, which nobody reads yet, and enough of them
+    (llama.cpp's debug lines while the generation model loads) blocked that thread in its write
+    holding the handler's lock, and the front with it (1 start in 5 under load)."""
+    with _stderr_lock, _stderr_handlers_held():
         try:
             saved = os.dup(2)
         except OSError:
@@ -524,6 +529,26 @@ def _stderr_to_pipe() -> Iterator[tuple[int, int] | None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)  # a worker started meanwhile has its own copy
+
+
+@contextlib.contextmanager
+def _stderr_handlers_held() -> Iterator[None]:
+    """Within: no other thread can log through a handler that writes to stderr."""
+    known = logging.Logger.manager.loggerDict.values()
+    loggers = [logging.getLogger(), *(logger for logger in known if isinstance(logger, logging.Logger))]
+    handlers = {
+        id(handler): handler for logger in loggers for handler in logger.handlers
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__)
+    }
+    held = []
+    try:
+        for handler in handlers.values():
+            handler.acquire()
+            held.append(handler)
+        yield
+    finally:
+        for handler in reversed(held):
+            handler.release()
 
 
 class _StderrPipe:
